@@ -1,0 +1,471 @@
+//! The device's desired state (keys, port, peers and their allowed IPs) and
+//! the pure step that applies a UAPI `set` to it.
+//!
+//! Applying a request never mutates the current state: it builds the next
+//! state and a [`Plan`] of what the data path must do to get there. The
+//! caller commits both only when every part of the request was valid, so a
+//! rejected request changes nothing.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use boringtun::x25519::{PublicKey, StaticSecret};
+use ipnet::IpNet;
+use zeroize::Zeroizing;
+
+use crate::core::{Change, PeerHandle, PeerSpec, PeerStats, RouteTable, MAX_PEERS};
+use nix::errno::Errno;
+
+use crate::uapi::proto::{DeviceView, Key, PeerView, SetRequest};
+
+#[derive(Clone)]
+pub struct PeerConfig {
+    pub public_key: Key,
+    pub preshared_key: Option<Key>,
+    /// The endpoint as configured; the live (roamed) one is in `stats`.
+    pub endpoint: Option<SocketAddr>,
+    pub persistent_keepalive: u16,
+    pub allowed_ips: Vec<IpNet>,
+    pub handle: PeerHandle,
+    pub stats: Arc<PeerStats>,
+}
+
+impl PeerConfig {
+    fn spec(&self) -> PeerSpec {
+        PeerSpec {
+            handle: self.handle,
+            public_key: self.public_key.0,
+            preshared_key: self.preshared_key.as_ref().map(|k| Zeroizing::new(k.0)),
+            endpoint: self.stats.endpoint().or(self.endpoint),
+            persistent_keepalive: self.persistent_keepalive,
+            stats: self.stats.clone(),
+        }
+    }
+}
+
+/// Hands out peer handles: a slot (reused after removal) and a generation
+/// that is never reused.
+#[derive(Clone, Default)]
+struct Handles {
+    next_slot: u32,
+    free: Vec<u32>,
+    generation: u32,
+}
+
+impl Handles {
+    fn allocate(&mut self) -> Result<PeerHandle, Errno> {
+        let slot = match self.free.pop() {
+            Some(slot) => slot,
+            None if self.next_slot < MAX_PEERS => {
+                self.next_slot += 1;
+                self.next_slot - 1
+            }
+            None => return Err(Errno::ENOSPC),
+        };
+        self.generation = self.generation.wrapping_add(1);
+        Ok(u64::from(self.generation) << 32 | u64::from(slot))
+    }
+
+    fn release(&mut self, handle: PeerHandle) {
+        self.free.push(crate::core::handle_slot(handle));
+    }
+}
+
+#[derive(Clone, Default)]
+pub struct DeviceConfig {
+    pub private_key: Option<Key>,
+    pub listen_port: u16,
+    pub fwmark: u32,
+    pub peers: Vec<PeerConfig>,
+    handles: Handles,
+}
+
+/// What the data path must do to reach the next state, in order.
+#[derive(Default)]
+pub struct Plan {
+    /// Applied before the new table is published: the key, new and changed peers.
+    pub before_table: Vec<Change>,
+    /// Published when allowed IPs or the peer set changed.
+    pub table: Option<RouteTable<PeerHandle>>,
+    /// Applied after the table: removals, so no route ever names a peer the
+    /// data path has already forgotten.
+    pub after_table: Vec<Change>,
+    pub listen_port: Option<u16>,
+    pub fwmark: Option<u32>,
+    pub private_key_changed: bool,
+}
+
+pub fn public_key_of(private: &Key) -> [u8; 32] {
+    PublicKey::from(&StaticSecret::from(private.0)).to_bytes()
+}
+
+impl DeviceConfig {
+    pub fn new(private_key: Option<Key>, listen_port: u16) -> Self {
+        DeviceConfig {
+            private_key,
+            listen_port,
+            ..DeviceConfig::default()
+        }
+    }
+
+    pub fn public_key(&self) -> Option<[u8; 32]> {
+        self.private_key.as_ref().map(public_key_of)
+    }
+
+    /// The changes that bring an empty data path to this state.
+    pub fn initial_plan(&self) -> Plan {
+        let mut plan = Plan::default();
+        plan.before_table.push(Change::SetPrivateKey(
+            self.private_key.as_ref().map(|k| StaticSecret::from(k.0)),
+        ));
+        plan.before_table
+            .extend(self.peers.iter().map(|p| Change::UpsertPeer(p.spec())));
+        plan.table = Some(self.route_table());
+        plan
+    }
+
+    pub fn route_table(&self) -> RouteTable<PeerHandle> {
+        RouteTable::build(
+            self.peers
+                .iter()
+                .flat_map(|p| p.allowed_ips.iter().map(move |net| (*net, p.handle))),
+        )
+    }
+
+    /// Applies a parsed `set` to a copy of this state.
+    pub fn apply(&self, req: SetRequest) -> Result<(DeviceConfig, Plan), Errno> {
+        let mut next = self.clone();
+        let mut plan = Plan::default();
+
+        if let Some(private_key) = req.private_key {
+            if private_key != self.private_key {
+                plan.private_key_changed = true;
+            }
+            next.private_key = private_key;
+            // As in the kernel: a peer with our own public key is dropped.
+            if let Some(own) = next.public_key() {
+                next.peers.retain(|p| p.public_key.0 != own);
+            }
+        }
+        if let Some(port) = req.listen_port {
+            if port != self.listen_port {
+                plan.listen_port = Some(port);
+            }
+            next.listen_port = port;
+        }
+        if let Some(fwmark) = req.fwmark {
+            if fwmark != self.fwmark {
+                plan.fwmark = Some(fwmark);
+            }
+            next.fwmark = fwmark;
+        }
+        if req.replace_peers {
+            next.peers.clear();
+        }
+
+        let own = next.public_key();
+        for change in req.peers {
+            // The kernel silently ignores a peer that is ourselves.
+            if Some(change.public_key.0) == own {
+                continue;
+            }
+            let existing = next
+                .peers
+                .iter()
+                .position(|p| p.public_key == change.public_key);
+            if change.remove {
+                if let Some(i) = existing {
+                    next.peers.remove(i);
+                }
+                continue;
+            }
+            let index = match existing {
+                Some(i) => i,
+                None if change.update_only => continue,
+                None => {
+                    next.peers.push(PeerConfig {
+                        public_key: change.public_key.clone(),
+                        preshared_key: None,
+                        endpoint: None,
+                        persistent_keepalive: 0,
+                        allowed_ips: Vec::new(),
+                        handle: next.handles.allocate()?,
+                        stats: Arc::new(PeerStats::new(None)),
+                    });
+                    next.peers.len() - 1
+                }
+            };
+            let peer = &mut next.peers[index];
+            if let Some(psk) = change.preshared_key {
+                peer.preshared_key = psk;
+            }
+            if let Some(endpoint) = change.endpoint {
+                peer.endpoint = Some(endpoint);
+            }
+            if let Some(keepalive) = change.persistent_keepalive {
+                peer.persistent_keepalive = keepalive;
+            }
+            if change.replace_allowed_ips {
+                peer.allowed_ips.clear();
+            }
+            let handle = peer.handle;
+            for ip in change.allowed_ips {
+                if ip.remove {
+                    next.peers[index].allowed_ips.retain(|n| *n != ip.net);
+                    continue;
+                }
+                // An allowed IP has one owner: giving it to this peer takes it
+                // from any other, as in the kernel.
+                for other in next.peers.iter_mut().filter(|p| p.handle != handle) {
+                    other.allowed_ips.retain(|n| *n != ip.net);
+                }
+                let peer = &mut next.peers[index];
+                if !peer.allowed_ips.contains(&ip.net) {
+                    peer.allowed_ips.push(ip.net);
+                }
+            }
+        }
+
+        self.diff_into(&mut next, &mut plan);
+        Ok((next, plan))
+    }
+
+    fn diff_into(&self, next: &mut DeviceConfig, plan: &mut Plan) {
+        if plan.private_key_changed {
+            plan.before_table.push(Change::SetPrivateKey(
+                next.private_key.as_ref().map(|k| StaticSecret::from(k.0)),
+            ));
+        }
+        let old: HashMap<PeerHandle, &PeerConfig> =
+            self.peers.iter().map(|p| (p.handle, p)).collect();
+        let mut routes_changed = false;
+        for peer in &next.peers {
+            match old.get(&peer.handle) {
+                None => {
+                    routes_changed = true;
+                    plan.before_table.push(Change::UpsertPeer(peer.spec()));
+                }
+                Some(prev) => {
+                    if prev.allowed_ips != peer.allowed_ips {
+                        routes_changed = true;
+                    }
+                    if prev.preshared_key != peer.preshared_key {
+                        plan.before_table.push(Change::UpsertPeer(peer.spec()));
+                        continue;
+                    }
+                    if prev.endpoint != peer.endpoint {
+                        if let Some(endpoint) = peer.endpoint {
+                            peer.stats.set_endpoint(Some(endpoint));
+                            plan.before_table
+                                .push(Change::SetEndpoint(peer.handle, endpoint));
+                        }
+                    }
+                    if prev.persistent_keepalive != peer.persistent_keepalive {
+                        plan.before_table
+                            .push(Change::SetKeepalive(peer.handle, peer.persistent_keepalive));
+                    }
+                }
+            }
+        }
+        let kept: HashMap<PeerHandle, ()> = next.peers.iter().map(|p| (p.handle, ())).collect();
+        for peer in &self.peers {
+            if !kept.contains_key(&peer.handle) {
+                routes_changed = true;
+                plan.after_table.push(Change::RemovePeer(peer.handle));
+                next.handles.release(peer.handle);
+            }
+        }
+        if routes_changed {
+            plan.table = Some(next.route_table());
+        }
+    }
+
+    /// The state as `wg show` reports it.
+    pub fn view(&self) -> DeviceView {
+        DeviceView {
+            private_key: self.private_key.clone(),
+            listen_port: self.listen_port,
+            fwmark: self.fwmark,
+            peers: self
+                .peers
+                .iter()
+                .map(|p| PeerView {
+                    public_key: p.public_key.clone(),
+                    preshared_key: p.preshared_key.clone(),
+                    endpoint: p.stats.endpoint().or(p.endpoint),
+                    persistent_keepalive: p.persistent_keepalive,
+                    last_handshake: p.stats.last_handshake(),
+                    rx_bytes: p.stats.rx_bytes(),
+                    tx_bytes: p.stats.tx_bytes(),
+                    allowed_ips: p.allowed_ips.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::uapi::proto::{AllowedIpChange, PeerChange};
+
+    fn key(b: u8) -> Key {
+        Key([b; 32])
+    }
+
+    fn peer(k: u8, ips: &[&str]) -> PeerChange {
+        PeerChange {
+            public_key: key(k),
+            remove: false,
+            update_only: false,
+            preshared_key: None,
+            endpoint: None,
+            persistent_keepalive: None,
+            replace_allowed_ips: false,
+            allowed_ips: ips
+                .iter()
+                .map(|s| AllowedIpChange {
+                    net: s.parse().expect("cidr"),
+                    remove: false,
+                })
+                .collect(),
+        }
+    }
+
+    fn set(peers: Vec<PeerChange>) -> SetRequest {
+        SetRequest {
+            peers,
+            ..SetRequest::default()
+        }
+    }
+
+    fn ips(cfg: &DeviceConfig, k: u8) -> Vec<String> {
+        cfg.peers
+            .iter()
+            .find(|p| p.public_key == key(k))
+            .map(|p| p.allowed_ips.iter().map(ToString::to_string).collect())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn allowed_ip_moves_to_its_new_owner() {
+        let cfg = DeviceConfig::new(Some(key(1)), 51820);
+        let (cfg, _) = cfg
+            .apply(set(vec![peer(2, &["100.64.0.0/24"])]))
+            .expect("valid");
+        let (cfg, plan) = cfg
+            .apply(set(vec![peer(3, &["100.64.0.0/24", "100.64.1.0/24"])]))
+            .expect("valid");
+        assert!(ips(&cfg, 2).is_empty());
+        assert_eq!(ips(&cfg, 3), ["100.64.0.0/24", "100.64.1.0/24"]);
+        let table = plan.table.expect("routes changed");
+        let owner = cfg.peers[1].handle;
+        assert_eq!(table.lookup("100.64.0.9".parse().expect("ip")), Some(owner));
+    }
+
+    #[test]
+    fn update_only_does_not_create_and_remove_removes() {
+        let cfg = DeviceConfig::new(Some(key(1)), 51820);
+        let mut only = peer(2, &["100.64.0.2/32"]);
+        only.update_only = true;
+        let (cfg, plan) = cfg.apply(set(vec![only])).expect("valid");
+        assert!(cfg.peers.is_empty());
+        assert!(plan.before_table.is_empty() && plan.table.is_none());
+
+        let (cfg, _) = cfg
+            .apply(set(vec![peer(2, &["100.64.0.2/32"])]))
+            .expect("valid");
+        let handle = cfg.peers[0].handle;
+        let mut gone = peer(2, &[]);
+        gone.remove = true;
+        let (cfg, plan) = cfg.apply(set(vec![gone])).expect("valid");
+        assert!(cfg.peers.is_empty());
+        assert!(matches!(plan.after_table[..], [Change::RemovePeer(h)] if h == handle));
+        let table = plan.table.expect("routes changed");
+        assert_eq!(table.lookup("100.64.0.2".parse().expect("ip")), None);
+    }
+
+    #[test]
+    fn replace_allowed_ips_and_removals() {
+        let cfg = DeviceConfig::new(Some(key(1)), 51820);
+        let (cfg, _) = cfg
+            .apply(set(vec![peer(2, &["100.64.0.0/24", "fd00::/64"])]))
+            .expect("valid");
+        let mut change = peer(2, &["100.64.9.0/24"]);
+        change.replace_allowed_ips = true;
+        let (cfg, _) = cfg.apply(set(vec![change])).expect("valid");
+        assert_eq!(ips(&cfg, 2), ["100.64.9.0/24"]);
+        let mut change = peer(2, &["100.64.9.0/24"]);
+        change.allowed_ips[0].remove = true;
+        let (cfg, _) = cfg.apply(set(vec![change])).expect("valid");
+        assert!(ips(&cfg, 2).is_empty());
+    }
+
+    #[test]
+    fn own_key_peer_is_ignored_and_dropped_on_key_change() {
+        let own = key(1);
+        let own_public = Key(public_key_of(&own));
+        let cfg = DeviceConfig::new(Some(key(9)), 51820);
+        let (cfg, _) = cfg
+            .apply(set(vec![PeerChange {
+                public_key: own_public.clone(),
+                ..peer(0, &["100.64.0.2/32"])
+            }]))
+            .expect("valid");
+        assert_eq!(cfg.peers.len(), 1);
+        let (cfg, plan) = cfg
+            .apply(SetRequest {
+                private_key: Some(Some(own)),
+                ..SetRequest::default()
+            })
+            .expect("valid");
+        assert!(cfg.peers.is_empty());
+        assert!(plan.private_key_changed);
+        let (cfg, _) = cfg
+            .apply(set(vec![PeerChange {
+                public_key: own_public,
+                ..peer(0, &["100.64.0.2/32"])
+            }]))
+            .expect("valid");
+        assert!(cfg.peers.is_empty());
+    }
+
+    #[test]
+    fn replace_peers_gives_fresh_handles_and_reuses_slots_safely() {
+        let cfg = DeviceConfig::new(Some(key(1)), 51820);
+        let (cfg, _) = cfg
+            .apply(set(vec![peer(2, &["100.64.0.2/32"])]))
+            .expect("valid");
+        let old = cfg.peers[0].handle;
+        let (cfg, plan) = cfg
+            .apply(SetRequest {
+                replace_peers: true,
+                peers: vec![peer(2, &["100.64.0.2/32"])],
+                ..SetRequest::default()
+            })
+            .expect("valid");
+        let new = cfg.peers[0].handle;
+        assert_ne!(old, new);
+        assert!(matches!(plan.after_table[..], [Change::RemovePeer(h)] if h == old));
+        // A later peer may take the freed slot, but never the old handle.
+        let (cfg, _) = cfg
+            .apply(set(vec![peer(3, &["100.64.0.3/32"])]))
+            .expect("valid");
+        assert!(cfg.peers.iter().all(|p| p.handle != old));
+    }
+
+    #[test]
+    fn the_current_state_is_untouched_by_apply() {
+        let cfg = DeviceConfig::new(Some(key(1)), 51820);
+        let _ = cfg
+            .apply(SetRequest {
+                listen_port: Some(1),
+                peers: vec![peer(2, &["100.64.0.2/32"])],
+                ..SetRequest::default()
+            })
+            .expect("valid");
+        assert!(cfg.peers.is_empty());
+        assert_eq!(cfg.listen_port, 51820);
+    }
+}

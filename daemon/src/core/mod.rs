@@ -1,0 +1,616 @@
+//! The data-path core: peers, cryptokey routing and WireGuard timers, with no I/O.
+//!
+//! [`Node`] owns every peer's boringtun [`Tunn`] and reads the routing table
+//! snapshot that the control plane publishes. The shell feeds it packets from
+//! the TUN, datagrams from UDP and timer ticks, and it answers through a
+//! [`Transmit`] sink that the shell implements (the real sockets, or an
+//! in-memory network in tests). The only clock reads are the ones boringtun
+//! does internally for its own session timers; everything of ours takes `now`
+//! from the caller.
+//!
+//! One thread owns a `Node`, so nothing here locks: the table is read through
+//! an `arc_swap::Cache`, and statistics are published to atomics once per
+//! timer tick rather than once per packet.
+
+pub mod packet;
+pub mod table;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519::{PublicKey, StaticSecret};
+use zeroize::Zeroizing;
+
+use packet::IpPacket;
+pub use table::RouteTable;
+
+/// Identifies one configured peer: the low 32 bits are its slot, the high 32
+/// bits a generation, so a table entry that outlives its peer never matches
+/// the next peer placed in the same slot.
+pub type PeerHandle = u64;
+
+pub fn handle_slot(handle: PeerHandle) -> u32 {
+    handle as u32
+}
+
+/// boringtun shifts the peer index left by 8 to form session indices, so a
+/// slot must fit in 24 bits.
+pub const MAX_PEERS: u32 = 1 << 24;
+
+/// The routing table as the control plane publishes it.
+pub type SharedTable = Arc<ArcSwap<RouteTable<PeerHandle>>>;
+
+/// Size of every scratch buffer handed to the core: the largest IP packet plus
+/// WireGuard's 32 bytes of framing, rounded up.
+pub const BUF_SIZE: usize = 65_536 + 64;
+
+/// How often boringtun's timers run; boringtun's own device uses the same.
+pub const TIMER_TICK: Duration = Duration::from_millis(250);
+
+/// boringtun counts a pre-verified initiation twice (our mac1 check before the
+/// peer lookup, then its own), so its under-load threshold is doubled.
+const HANDSHAKES_PER_SECOND_BEFORE_COOKIES: u64 = 2 * 100;
+
+/// Where the core sends what it produces.
+pub trait Transmit {
+    /// Sends one datagram; returns false if the socket refused it.
+    fn send_udp(&mut self, to: SocketAddr, datagram: &[u8]) -> bool;
+    /// Delivers one decrypted IP packet to the TUN.
+    fn write_tun(&mut self, packet: &[u8]);
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// No peer's allowed IPs cover the destination.
+    NoRoute,
+    /// The peer has no endpoint yet.
+    NoEndpoint,
+    /// The inner source is not an allowed IP of the peer that sent it.
+    CryptokeyFilter,
+    /// Not an IP packet, or not a WireGuard message.
+    Malformed,
+    /// A message for a peer we do not have.
+    UnknownPeer,
+    /// A handshake or cookie message that failed to verify.
+    HandshakeFailed,
+    /// A data message that failed to decrypt, or a replay.
+    DecryptFailed,
+    /// The socket refused a datagram.
+    SendFailed,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 8] = [
+        DropReason::NoRoute,
+        DropReason::NoEndpoint,
+        DropReason::CryptokeyFilter,
+        DropReason::Malformed,
+        DropReason::UnknownPeer,
+        DropReason::HandshakeFailed,
+        DropReason::DecryptFailed,
+        DropReason::SendFailed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::NoRoute => "no_route",
+            DropReason::NoEndpoint => "no_endpoint",
+            DropReason::CryptokeyFilter => "cryptokey_filter",
+            DropReason::Malformed => "malformed",
+            DropReason::UnknownPeer => "unknown_peer",
+            DropReason::HandshakeFailed => "handshake_failed",
+            DropReason::DecryptFailed => "decrypt_failed",
+            DropReason::SendFailed => "send_failed",
+        }
+    }
+}
+
+/// Drop counters, readable from any thread.
+#[derive(Debug, Default)]
+pub struct DropCounters {
+    counts: [AtomicU64; DropReason::ALL.len()],
+}
+
+impl DropCounters {
+    fn add(&self, reason: DropReason) {
+        self.counts[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self, reason: DropReason) -> u64 {
+        self.counts[reason as usize].load(Ordering::Relaxed)
+    }
+}
+
+/// A peer's live statistics, written by the data path once per tick and read
+/// by the control plane.
+#[derive(Debug, Default)]
+pub struct PeerStats {
+    rx_bytes: AtomicU64,
+    tx_bytes: AtomicU64,
+    /// Unix time of the last completed handshake in nanoseconds; 0 = never.
+    last_handshake_ns: AtomicU64,
+    /// Written only when the endpoint changes (roaming or configuration).
+    endpoint: Mutex<Option<SocketAddr>>,
+}
+
+impl PeerStats {
+    pub fn new(endpoint: Option<SocketAddr>) -> Self {
+        PeerStats {
+            endpoint: Mutex::new(endpoint),
+            ..PeerStats::default()
+        }
+    }
+
+    pub fn rx_bytes(&self) -> u64 {
+        self.rx_bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn tx_bytes(&self) -> u64 {
+        self.tx_bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn last_handshake(&self) -> Option<SystemTime> {
+        match self.last_handshake_ns.load(Ordering::Relaxed) {
+            0 => None,
+            ns => Some(UNIX_EPOCH + Duration::from_nanos(ns)),
+        }
+    }
+
+    pub fn endpoint(&self) -> Option<SocketAddr> {
+        *self.endpoint.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn set_endpoint(&self, endpoint: Option<SocketAddr>) {
+        *self.endpoint.lock().unwrap_or_else(|e| e.into_inner()) = endpoint;
+    }
+}
+
+/// Everything the core needs to run one peer.
+pub struct PeerSpec {
+    pub handle: PeerHandle,
+    pub public_key: [u8; 32],
+    pub preshared_key: Option<Zeroizing<[u8; 32]>>,
+    pub endpoint: Option<SocketAddr>,
+    pub persistent_keepalive: u16,
+    pub stats: Arc<PeerStats>,
+}
+
+/// A change from the control plane. Each is applied whole, between batches.
+pub enum Change {
+    SetPrivateKey(Option<StaticSecret>),
+    /// Adds the peer, or replaces the one with this handle (new session state).
+    UpsertPeer(PeerSpec),
+    RemovePeer(PeerHandle),
+    SetEndpoint(PeerHandle, SocketAddr),
+    SetKeepalive(PeerHandle, u16),
+}
+
+struct Identity {
+    secret: StaticSecret,
+    public: PublicKey,
+    limiter: Arc<RateLimiter>,
+}
+
+struct Peer {
+    handle: PeerHandle,
+    public_key: [u8; 32],
+    preshared_key: Option<Zeroizing<[u8; 32]>>,
+    /// None while we have no private key, or when the peer's key is of low
+    /// order: such a peer must never cause a datagram.
+    tunn: Option<Tunn>,
+    endpoint: Option<SocketAddr>,
+    persistent_keepalive: u16,
+    last_sent: Option<Instant>,
+    session_established: Option<Instant>,
+    rx_bytes: u64,
+    tx_bytes: u64,
+    stats: Arc<PeerStats>,
+}
+
+impl Peer {
+    fn send(
+        &mut self,
+        datagram: &[u8],
+        now: Instant,
+        counters: &DropCounters,
+        tx: &mut impl Transmit,
+    ) {
+        let Some(endpoint) = self.endpoint else {
+            counters.add(DropReason::NoEndpoint);
+            return;
+        };
+        if tx.send_udp(endpoint, datagram) {
+            self.tx_bytes += datagram.len() as u64;
+            self.last_sent = Some(now);
+        } else {
+            counters.add(DropReason::SendFailed);
+        }
+    }
+}
+
+pub struct Node {
+    identity: Option<Identity>,
+    peers: Vec<Option<Peer>>,
+    by_key: HashMap<[u8; 32], u32>,
+    routes: arc_swap::Cache<SharedTable, Arc<RouteTable<PeerHandle>>>,
+    counters: Arc<DropCounters>,
+    next_tick: Instant,
+    next_limiter_reset: Instant,
+}
+
+impl Node {
+    pub fn new(table: SharedTable, counters: Arc<DropCounters>, now: Instant) -> Self {
+        Node {
+            identity: None,
+            peers: Vec::new(),
+            by_key: HashMap::new(),
+            routes: arc_swap::Cache::new(table),
+            counters,
+            next_tick: now,
+            next_limiter_reset: now,
+        }
+    }
+
+    /// When `handle_timers` next wants to run.
+    pub fn next_timer(&self) -> Instant {
+        self.next_tick
+    }
+
+    pub fn apply(&mut self, change: Change, now: Instant) {
+        match change {
+            Change::SetPrivateKey(secret) => self.set_private_key(secret),
+            Change::UpsertPeer(spec) => self.upsert_peer(spec, now),
+            Change::RemovePeer(handle) => {
+                if let Some(peer) = self.peer_mut(handle) {
+                    let key = peer.public_key;
+                    self.by_key.remove(&key);
+                    self.peers[handle_slot(handle) as usize] = None;
+                }
+            }
+            Change::SetEndpoint(handle, endpoint) => {
+                if let Some(peer) = self.peer_mut(handle) {
+                    peer.endpoint = Some(endpoint);
+                    peer.stats.set_endpoint(Some(endpoint));
+                }
+            }
+            Change::SetKeepalive(handle, secs) => {
+                if let Some(peer) = self.peer_mut(handle) {
+                    peer.persistent_keepalive = secs;
+                    // As in the kernel, turning keepalive on sends one at once.
+                    peer.last_sent = None;
+                }
+            }
+        }
+    }
+
+    fn set_private_key(&mut self, secret: Option<StaticSecret>) {
+        self.identity = secret.map(|secret| {
+            let public = PublicKey::from(&secret);
+            let limiter = Arc::new(RateLimiter::new(
+                &public,
+                HANDSHAKES_PER_SECOND_BEFORE_COOKIES,
+            ));
+            Identity {
+                secret,
+                public,
+                limiter,
+            }
+        });
+        for (slot, peer) in self.peers.iter_mut().enumerate() {
+            if let Some(peer) = peer {
+                peer.tunn = new_tunn(self.identity.as_ref(), peer, slot as u32);
+                peer.session_established = None;
+            }
+        }
+    }
+
+    fn upsert_peer(&mut self, spec: PeerSpec, now: Instant) {
+        let slot = handle_slot(spec.handle);
+        if slot >= MAX_PEERS {
+            return;
+        }
+        let index = slot as usize;
+        if self.peers.len() <= index {
+            self.peers.resize_with(index + 1, || None);
+        }
+        if let Some(old) = self.peers[index].take() {
+            self.by_key.remove(&old.public_key);
+        }
+        let mut peer = Peer {
+            handle: spec.handle,
+            public_key: spec.public_key,
+            preshared_key: spec.preshared_key,
+            tunn: None,
+            endpoint: spec.endpoint,
+            persistent_keepalive: spec.persistent_keepalive,
+            last_sent: None,
+            session_established: None,
+            rx_bytes: spec.stats.rx_bytes(),
+            tx_bytes: spec.stats.tx_bytes(),
+            stats: spec.stats,
+        };
+        peer.tunn = new_tunn(self.identity.as_ref(), &peer, slot);
+        let _ = now;
+        self.by_key.insert(peer.public_key, slot);
+        self.peers[index] = Some(peer);
+    }
+
+    fn peer_mut(&mut self, handle: PeerHandle) -> Option<&mut Peer> {
+        peer_by_handle(&mut self.peers, handle)
+    }
+
+    /// One IP packet read from the TUN: route it to a peer and encrypt it.
+    pub fn handle_tun_packet(
+        &mut self,
+        packet: &[u8],
+        buf: &mut [u8],
+        now: Instant,
+        tx: &mut impl Transmit,
+    ) {
+        let Some(ip) = IpPacket::new_checked(packet) else {
+            self.counters.add(DropReason::Malformed);
+            return;
+        };
+        let table = self.routes.load();
+        let Some(peer) = table
+            .lookup(ip.destination())
+            .and_then(|handle| peer_by_handle(&mut self.peers, handle))
+        else {
+            self.counters.add(DropReason::NoRoute);
+            return;
+        };
+        let Some(tunn) = peer.tunn.as_mut() else {
+            self.counters.add(DropReason::NoRoute);
+            return;
+        };
+        match tunn.encapsulate(packet, buf) {
+            TunnResult::WriteToNetwork(datagram) => peer.send(datagram, now, &self.counters, tx),
+            TunnResult::Err(_) => self.counters.add(DropReason::SendFailed),
+            // Queued inside boringtun until the handshake completes.
+            _ => {}
+        }
+    }
+
+    /// One datagram received on the listen port.
+    pub fn handle_datagram(
+        &mut self,
+        from: SocketAddr,
+        datagram: &[u8],
+        buf: &mut [u8],
+        now: Instant,
+        tx: &mut impl Transmit,
+    ) {
+        let counters = &*self.counters;
+        let (slot, is_cookie) = match Tunn::parse_incoming_packet(datagram) {
+            Err(_) => return counters.add(DropReason::Malformed),
+            Ok(Packet::HandshakeInit(_)) => {
+                let Some(identity) = self.identity.as_ref() else {
+                    return counters.add(DropReason::UnknownPeer);
+                };
+                // mac1 (and, under load, the cookie) is checked before the
+                // Diffie-Hellman that identifies the sender.
+                let init = match identity
+                    .limiter
+                    .verify_packet(Some(from.ip()), datagram, buf)
+                {
+                    Ok(Packet::HandshakeInit(init)) => init,
+                    Ok(_) => return counters.add(DropReason::Malformed),
+                    Err(TunnResult::WriteToNetwork(cookie)) => {
+                        if !tx.send_udp(from, cookie) {
+                            counters.add(DropReason::SendFailed);
+                        }
+                        return;
+                    }
+                    Err(_) => return counters.add(DropReason::HandshakeFailed),
+                };
+                let Ok(half) = parse_handshake_anon(&identity.secret, &identity.public, &init)
+                else {
+                    return counters.add(DropReason::HandshakeFailed);
+                };
+                match self.by_key.get(&half.peer_static_public) {
+                    Some(&slot) => (slot, false),
+                    None => return counters.add(DropReason::UnknownPeer),
+                }
+            }
+            Ok(Packet::HandshakeResponse(p)) => (p.receiver_idx >> 8, false),
+            Ok(Packet::PacketCookieReply(p)) => (p.receiver_idx >> 8, true),
+            Ok(Packet::PacketData(p)) => (p.receiver_idx >> 8, false),
+        };
+
+        let Some(peer) = self.peers.get_mut(slot as usize).and_then(Option::as_mut) else {
+            return counters.add(DropReason::UnknownPeer);
+        };
+        let Some(tunn) = peer.tunn.as_mut() else {
+            return counters.add(DropReason::UnknownPeer);
+        };
+        let table = self.routes.load();
+        match tunn.decapsulate(Some(from.ip()), datagram, buf) {
+            TunnResult::Err(e) => {
+                return counters.add(match e {
+                    WireGuardError::InvalidPacket => DropReason::Malformed,
+                    WireGuardError::DuplicateCounter
+                    | WireGuardError::InvalidCounter
+                    | WireGuardError::InvalidAeadTag
+                    | WireGuardError::NoCurrentSession
+                    | WireGuardError::WrongIndex
+                    | WireGuardError::WrongKey => DropReason::DecryptFailed,
+                    _ => DropReason::HandshakeFailed,
+                });
+            }
+            TunnResult::Done => {}
+            TunnResult::WriteToNetwork(reply) => {
+                // A handshake answer goes back where the message came from.
+                if tx.send_udp(from, reply) {
+                    peer.tx_bytes += reply.len() as u64;
+                    peer.last_sent = Some(now);
+                } else {
+                    counters.add(DropReason::SendFailed);
+                }
+                // A completed handshake releases packets queued while it ran.
+                while let TunnResult::WriteToNetwork(queued) = tunn.decapsulate(None, &[], buf) {
+                    if tx.send_udp(from, queued) {
+                        peer.tx_bytes += queued.len() as u64;
+                    } else {
+                        counters.add(DropReason::SendFailed);
+                    }
+                }
+            }
+            TunnResult::WriteToTunnelV4(inner, source) => {
+                if table.lookup_v4(source) == Some(peer.handle) {
+                    tx.write_tun(inner);
+                } else {
+                    counters.add(DropReason::CryptokeyFilter);
+                }
+            }
+            TunnResult::WriteToTunnelV6(inner, source) => {
+                if table.lookup_v6(source) == Some(peer.handle) {
+                    tx.write_tun(inner);
+                } else {
+                    counters.add(DropReason::CryptokeyFilter);
+                }
+            }
+        }
+
+        // Everything that reaches here was authenticated, except a cookie
+        // reply, which does not prove the sender's identity.
+        if !is_cookie {
+            peer.rx_bytes += datagram.len() as u64;
+            if peer.endpoint != Some(from) {
+                peer.endpoint = Some(from);
+                peer.stats.set_endpoint(Some(from));
+                tracing::debug!(peer = %short_key(&peer.public_key), endpoint = %from, "peer endpoint changed");
+            }
+        }
+    }
+
+    /// Runs boringtun's timers, persistent keepalives and bookkeeping. Call it
+    /// when `next_timer()` has passed; calling it early is harmless.
+    pub fn handle_timers(
+        &mut self,
+        now: Instant,
+        wall: SystemTime,
+        buf: &mut [u8],
+        tx: &mut impl Transmit,
+    ) {
+        if now < self.next_tick {
+            return;
+        }
+        self.next_tick = now + TIMER_TICK;
+        if now >= self.next_limiter_reset {
+            if let Some(identity) = &self.identity {
+                identity.limiter.reset_count();
+            }
+            self.next_limiter_reset = now + Duration::from_secs(1);
+        }
+        let counters = &*self.counters;
+        for peer in self.peers.iter_mut().flatten() {
+            let Some(tunn) = peer.tunn.as_mut() else {
+                continue;
+            };
+            if let TunnResult::WriteToNetwork(datagram) = tunn.update_timers(buf) {
+                peer.send(datagram, now, counters, tx);
+            }
+            let Some(tunn) = peer.tunn.as_mut() else {
+                continue;
+            };
+            let keepalive = Duration::from_secs(u64::from(peer.persistent_keepalive));
+            if peer.persistent_keepalive > 0
+                && peer.endpoint.is_some()
+                && peer
+                    .last_sent
+                    .is_none_or(|sent| now.saturating_duration_since(sent) >= keepalive)
+            {
+                if let TunnResult::WriteToNetwork(datagram) = tunn.encapsulate(&[], buf) {
+                    peer.send(datagram, now, counters, tx);
+                } else {
+                    // A handshake is already under way; the queued empty
+                    // packet goes out when it completes.
+                    peer.last_sent = Some(now);
+                }
+            }
+            track_handshake(peer, now, wall);
+            peer.stats.rx_bytes.store(peer.rx_bytes, Ordering::Relaxed);
+            peer.stats.tx_bytes.store(peer.tx_bytes, Ordering::Relaxed);
+        }
+    }
+}
+
+fn peer_by_handle(peers: &mut [Option<Peer>], handle: PeerHandle) -> Option<&mut Peer> {
+    peers
+        .get_mut(handle_slot(handle) as usize)
+        .and_then(Option::as_mut)
+        .filter(|peer| peer.handle == handle)
+}
+
+fn new_tunn(identity: Option<&Identity>, peer: &Peer, slot: u32) -> Option<Tunn> {
+    let identity = identity?;
+    let public = PublicKey::from(peer.public_key);
+    // A low-order key makes the shared secret all zeros: such a peer must
+    // never handshake, so it gets no session state at all.
+    if !identity.secret.diffie_hellman(&public).was_contributory() {
+        tracing::warn!(peer = %short_key(&peer.public_key), "ignoring peer with a low-order public key");
+        return None;
+    }
+    Some(Tunn::new(
+        identity.secret.clone(),
+        public,
+        peer.preshared_key.as_deref().copied(),
+        None,
+        slot,
+        Some(identity.limiter.clone()),
+    ))
+}
+
+/// Notices completed handshakes and expired sessions from boringtun's view.
+fn track_handshake(peer: &mut Peer, now: Instant, wall: SystemTime) {
+    let since = peer.tunn.as_ref().and_then(Tunn::time_since_last_handshake);
+    match since {
+        Some(age) => {
+            let established = now.checked_sub(age).unwrap_or(now);
+            // Rekeys are minutes apart; jitter between two reads is not.
+            let is_new = peer
+                .session_established
+                .is_none_or(|prev| established > prev + Duration::from_secs(1));
+            if is_new {
+                if peer.session_established.is_none() {
+                    tracing::info!(peer = %short_key(&peer.public_key), "peer up");
+                }
+                peer.session_established = Some(established);
+                let at = wall.checked_sub(age).unwrap_or(wall);
+                let ns = at
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+                peer.stats.last_handshake_ns.store(ns, Ordering::Relaxed);
+            }
+        }
+        None => {
+            if peer.session_established.take().is_some() {
+                tracing::info!(peer = %short_key(&peer.public_key), "peer down: session expired");
+            }
+        }
+    }
+}
+
+/// The first characters of a key's base64 form, as `wg` users know it.
+pub fn short_key(key: &[u8; 32]) -> String {
+    use base64::Engine;
+    let mut s = base64::engine::general_purpose::STANDARD.encode(key);
+    s.truncate(8);
+    s
+}
+
+/// Destination lookups for callers outside the data path (diagnostics).
+pub fn route_of(table: &RouteTable<PeerHandle>, addr: IpAddr) -> Option<PeerHandle> {
+    table.lookup(addr)
+}
+
+#[cfg(test)]
+mod tests;

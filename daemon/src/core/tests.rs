@@ -1,0 +1,358 @@
+//! Nodes wired together through an in-memory network: handshakes, data,
+//! cryptokey routing, roaming and hostile input, with no sockets or TUN.
+
+use super::*;
+use boringtun::x25519::StaticSecret;
+
+#[derive(Default)]
+struct Wire {
+    sent: Vec<(SocketAddr, Vec<u8>)>,
+    tun: Vec<Vec<u8>>,
+}
+
+impl Transmit for Wire {
+    fn send_udp(&mut self, to: SocketAddr, datagram: &[u8]) -> bool {
+        self.sent.push((to, datagram.to_vec()));
+        true
+    }
+    fn write_tun(&mut self, packet: &[u8]) {
+        self.tun.push(packet.to_vec());
+    }
+}
+
+struct Host {
+    node: Node,
+    table: SharedTable,
+    counters: Arc<DropCounters>,
+    public: [u8; 32],
+    addr: SocketAddr,
+    wire: Wire,
+    routes: Vec<(ipnet::IpNet, PeerHandle)>,
+    buf: Vec<u8>,
+}
+
+impl Host {
+    fn new(addr: &str) -> Host {
+        let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+        let public = PublicKey::from(&secret).to_bytes();
+        let table: SharedTable = Arc::new(ArcSwap::from_pointee(RouteTable::empty()));
+        let counters = Arc::new(DropCounters::default());
+        let mut node = Node::new(table.clone(), counters.clone(), Instant::now());
+        node.apply(Change::SetPrivateKey(Some(secret)), Instant::now());
+        Host {
+            node,
+            table,
+            counters,
+            public,
+            addr: addr.parse().expect("socket address"),
+            wire: Wire::default(),
+            routes: Vec::new(),
+            buf: vec![0; BUF_SIZE],
+        }
+    }
+
+    fn add_peer(
+        &mut self,
+        handle: PeerHandle,
+        key: [u8; 32],
+        endpoint: Option<SocketAddr>,
+        ips: &[&str],
+    ) -> Arc<PeerStats> {
+        let stats = Arc::new(PeerStats::new(endpoint));
+        self.node.apply(
+            Change::UpsertPeer(PeerSpec {
+                handle,
+                public_key: key,
+                preshared_key: None,
+                endpoint,
+                persistent_keepalive: 0,
+                stats: stats.clone(),
+            }),
+            Instant::now(),
+        );
+        for ip in ips {
+            self.routes.push((ip.parse().expect("cidr"), handle));
+        }
+        self.publish();
+        stats
+    }
+
+    fn remove_peer(&mut self, handle: PeerHandle) {
+        self.routes.retain(|(_, h)| *h != handle);
+        self.publish();
+        self.node.apply(Change::RemovePeer(handle), Instant::now());
+    }
+
+    fn publish(&self) {
+        self.table
+            .store(Arc::new(RouteTable::build(self.routes.iter().copied())));
+    }
+
+    fn send_ip(&mut self, packet: &[u8]) {
+        self.node
+            .handle_tun_packet(packet, &mut self.buf, Instant::now(), &mut self.wire);
+    }
+
+    fn receive(&mut self, from: SocketAddr, datagram: &[u8]) {
+        self.node.handle_datagram(
+            from,
+            datagram,
+            &mut self.buf,
+            Instant::now(),
+            &mut self.wire,
+        );
+    }
+
+    fn dropped(&self, reason: DropReason) -> u64 {
+        self.counters.get(reason)
+    }
+}
+
+/// Delivers datagrams between hosts until none are in flight. `from_addr`
+/// lets a test pretend a host moved.
+fn settle(hosts: &mut [&mut Host]) {
+    for _ in 0..20 {
+        let mut in_flight = Vec::new();
+        for (i, host) in hosts.iter_mut().enumerate() {
+            for (to, datagram) in host.wire.sent.drain(..) {
+                in_flight.push((i, host.addr, to, datagram));
+            }
+        }
+        if in_flight.is_empty() {
+            return;
+        }
+        for (_, from, to, datagram) in in_flight {
+            if let Some(host) = hosts.iter_mut().find(|h| h.addr == to) {
+                host.receive(from, &datagram);
+            }
+        }
+    }
+    panic!("the simulated network did not settle");
+}
+
+fn ipv4(src: &str, dst: &str, payload: &[u8]) -> Vec<u8> {
+    let src: std::net::Ipv4Addr = src.parse().expect("src");
+    let dst: std::net::Ipv4Addr = dst.parse().expect("dst");
+    let mut p = vec![0u8; 20];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+    p[8] = 64;
+    p[9] = 17;
+    p[12..16].copy_from_slice(&src.octets());
+    p[16..20].copy_from_slice(&dst.octets());
+    p.extend_from_slice(payload);
+    p
+}
+
+const A: PeerHandle = 1 << 32;
+const B: PeerHandle = (2 << 32) | 1;
+const C: PeerHandle = (3 << 32) | 2;
+
+/// Two hosts that know each other: a = 100.64.0.2, b = 100.64.0.1.
+fn pair() -> (Host, Host) {
+    let mut a = Host::new("198.18.0.2:51820");
+    let mut b = Host::new("198.18.0.1:51820");
+    let (a_pub, b_pub) = (a.public, b.public);
+    a.add_peer(B, b_pub, Some(b.addr), &["100.64.0.1/32"]);
+    b.add_peer(A, a_pub, None, &["100.64.0.2/32"]);
+    (a, b)
+}
+
+#[test]
+fn handshake_then_data_both_ways() {
+    let (mut a, mut b) = pair();
+    let hello = ipv4("100.64.0.2", "100.64.0.1", b"hello");
+    a.send_ip(&hello);
+    assert_eq!(a.wire.sent.len(), 1, "the first packet starts a handshake");
+    settle(&mut [&mut a, &mut b]);
+    assert_eq!(
+        b.wire.tun,
+        vec![hello],
+        "the queued packet arrives after the handshake"
+    );
+
+    // b learned a's endpoint from the authenticated handshake and can answer.
+    let reply = ipv4("100.64.0.1", "100.64.0.2", b"world");
+    b.send_ip(&reply);
+    settle(&mut [&mut a, &mut b]);
+    assert_eq!(a.wire.tun, vec![reply]);
+}
+
+#[test]
+fn inner_source_must_belong_to_the_sending_peer() {
+    let (mut a, mut b) = pair();
+    a.send_ip(&ipv4("100.64.0.2", "100.64.0.1", b"legit"));
+    settle(&mut [&mut a, &mut b]);
+    assert_eq!(b.wire.tun.len(), 1);
+
+    a.send_ip(&ipv4("100.64.0.99", "100.64.0.1", b"spoofed"));
+    settle(&mut [&mut a, &mut b]);
+    assert_eq!(
+        b.wire.tun.len(),
+        1,
+        "a spoofed source never reaches the TUN"
+    );
+    assert_eq!(b.dropped(DropReason::CryptokeyFilter), 1);
+}
+
+#[test]
+fn a_more_specific_prefix_of_another_peer_wins_until_removed() {
+    let (mut a, mut b) = pair();
+    let a_pub = a.public;
+    b.routes.clear();
+    b.add_peer(A, a_pub, None, &["100.64.0.0/24"]);
+    let probe = ipv4("100.64.0.99", "100.64.0.1", b"x");
+
+    a.send_ip(&probe);
+    settle(&mut [&mut a, &mut b]);
+    assert_eq!(b.wire.tun.len(), 1, "a owns .99 through its /24");
+
+    let other = Host::new("198.18.0.3:51820").public;
+    b.add_peer(C, other, None, &["100.64.0.99/32"]);
+    a.send_ip(&probe);
+    settle(&mut [&mut a, &mut b]);
+    assert_eq!(b.wire.tun.len(), 1, "the /32 of another peer wins");
+    assert_eq!(b.dropped(DropReason::CryptokeyFilter), 1);
+
+    b.remove_peer(C);
+    a.send_ip(&probe);
+    settle(&mut [&mut a, &mut b]);
+    assert_eq!(b.wire.tun.len(), 2, "accepted again once that peer is gone");
+}
+
+#[test]
+fn endpoint_follows_the_newest_authenticated_source() {
+    let (mut a, mut b) = pair();
+    let stats = b.add_peer(A, a.public, None, &["100.64.0.2/32"]);
+    a.send_ip(&ipv4("100.64.0.2", "100.64.0.1", b"1"));
+    settle(&mut [&mut a, &mut b]);
+    assert_eq!(stats.endpoint(), Some(a.addr));
+
+    a.addr = "198.18.7.7:40000".parse().expect("addr");
+    a.send_ip(&ipv4("100.64.0.2", "100.64.0.1", b"2"));
+    settle(&mut [&mut a, &mut b]);
+    assert_eq!(stats.endpoint(), Some(a.addr), "the endpoint roamed");
+
+    // A forged datagram from elsewhere does not move the endpoint.
+    let mut forged = vec![4u8, 0, 0, 0];
+    forged.extend_from_slice(&[0u8; 60]);
+    b.receive("198.18.9.9:1".parse().expect("addr"), &forged);
+    assert_eq!(stats.endpoint(), Some(a.addr));
+}
+
+#[test]
+fn no_route_and_stale_handles_are_dropped_and_counted() {
+    let (mut a, mut b) = pair();
+    a.send_ip(&ipv4("100.64.0.2", "198.18.200.1", b"nowhere"));
+    assert!(a.wire.sent.is_empty());
+    assert_eq!(a.dropped(DropReason::NoRoute), 1);
+
+    // A table entry whose generation no longer matches the peer in that slot.
+    let stale = B + (7 << 32);
+    a.routes = vec![("100.64.0.1/32".parse().expect("cidr"), stale)];
+    a.publish();
+    a.send_ip(&ipv4("100.64.0.2", "100.64.0.1", b"x"));
+    assert!(a.wire.sent.is_empty());
+    assert_eq!(a.dropped(DropReason::NoRoute), 2);
+    settle(&mut [&mut a, &mut b]);
+}
+
+#[test]
+fn low_order_peer_keys_never_cause_a_datagram() {
+    let mut a = Host::new("198.18.0.2:51820");
+    // The seven low-order points of Curve25519 that the kernel's selftest uses.
+    let keys = [
+        "0000000000000000000000000000000000000000000000000000000000000000",
+        "0100000000000000000000000000000000000000000000000000000000000000",
+        "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
+        "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",
+        "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    ]
+    .map(|h| <[u8; 32]>::try_from(hex::decode(h).expect("hex")).expect("32 bytes"));
+    for (i, key) in keys.into_iter().enumerate() {
+        let handle = (i as u64 + 10) << 32 | (i as u64 + 10);
+        a.add_peer(
+            handle,
+            key,
+            Some("198.18.0.1:51820".parse().expect("addr")),
+            &[],
+        );
+        a.node
+            .apply(Change::SetKeepalive(handle, 1), Instant::now());
+    }
+    a.routes
+        .push(("100.64.0.0/24".parse().expect("cidr"), 10 << 32 | 10));
+    a.publish();
+    a.send_ip(&ipv4("100.64.0.2", "100.64.0.1", b"x"));
+    let later = Instant::now() + Duration::from_secs(30);
+    a.node
+        .handle_timers(later, SystemTime::now(), &mut a.buf, &mut a.wire);
+    assert!(a.wire.sent.is_empty(), "sent {:?}", a.wire.sent.len());
+}
+
+#[test]
+fn unknown_initiators_and_garbage_are_dropped() {
+    let (mut a, _) = pair();
+    let mut stranger = Host::new("198.18.0.9:1");
+    stranger.add_peer(B, a.public, Some(a.addr), &["100.64.0.0/24"]);
+    stranger.send_ip(&ipv4("100.64.0.9", "100.64.0.2", b"hi"));
+    let (_, init) = stranger.wire.sent.pop().expect("an initiation");
+    a.receive(stranger.addr, &init);
+    assert!(a.wire.sent.is_empty());
+    assert_eq!(a.dropped(DropReason::UnknownPeer), 1);
+
+    for garbage in [
+        &[][..],
+        &[1, 0, 0, 0][..],
+        &[4, 0, 0, 0, 1, 2, 3][..],
+        &[9; 200][..],
+    ] {
+        a.receive(stranger.addr, garbage);
+    }
+    assert_eq!(a.dropped(DropReason::Malformed), 4);
+    assert!(a.wire.sent.is_empty() && a.wire.tun.is_empty());
+}
+
+#[test]
+fn persistent_keepalive_fires_when_idle() {
+    let (mut a, mut b) = pair();
+    a.send_ip(&ipv4("100.64.0.2", "100.64.0.1", b"up"));
+    settle(&mut [&mut a, &mut b]);
+    a.node.apply(Change::SetKeepalive(B, 5), Instant::now());
+    let t = Instant::now() + Duration::from_secs(1);
+    a.node
+        .handle_timers(t, SystemTime::now(), &mut a.buf, &mut a.wire);
+    assert_eq!(
+        a.wire.sent.len(),
+        1,
+        "turning keepalive on sends one at once"
+    );
+    a.wire.sent.clear();
+    let t2 = t + Duration::from_secs(2);
+    a.node
+        .handle_timers(t2, SystemTime::now(), &mut a.buf, &mut a.wire);
+    assert!(a.wire.sent.is_empty(), "not again before the interval");
+    let t3 = t + Duration::from_secs(6);
+    a.node
+        .handle_timers(t3, SystemTime::now(), &mut a.buf, &mut a.wire);
+    assert_eq!(a.wire.sent.len(), 1, "again once idle for the interval");
+    assert_eq!(
+        a.wire.sent[0].1.len(),
+        32,
+        "a keepalive is an empty data message"
+    );
+}
+
+proptest::proptest! {
+    #[test]
+    fn arbitrary_datagrams_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300), kind in 0u8..6) {
+        let (mut a, _) = pair();
+        let mut bytes = bytes;
+        if let Some(first) = bytes.first_mut() { *first = kind; }
+        for b in bytes.iter_mut().skip(1).take(3) { *b = 0; }
+        a.receive("198.18.0.1:51820".parse().expect("addr"), &bytes);
+        a.send_ip(&bytes);
+    }
+}

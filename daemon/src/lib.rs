@@ -1,0 +1,15 @@
+//! vpcgated: a userspace WireGuard subnet router.
+//!
+//! The crate is a core that does no I/O ([`core`], [`config`]) inside a thin
+//! I/O shell ([`dataplane`], [`netlink`], [`uapi`], [`control`], [`state`]),
+//! started and stopped by [`daemon`]. ARCHITECTURE.md at the repository root
+//! has the diagram and the thread map.
+
+pub mod config;
+pub mod control;
+pub mod core;
+pub mod daemon;
+pub mod dataplane;
+pub mod netlink;
+pub mod state;
+pub mod uapi;

@@ -1,0 +1,273 @@
+//! Durable state under `--state-dir`: the private key and the node settings.
+//!
+//! Every write goes to a fresh temp file that is fsynced, renamed over the
+//! old file, and followed by an fsync of the directory, so a crash or power
+//! cut leaves either the old file or the new one, never a torn one. A file
+//! that exists but does not parse is an error that names the file: the
+//! private key is never regenerated behind the user's back.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::uapi::proto::Key;
+
+const KEY_FILE: &str = "private.key";
+const SETTINGS_FILE: &str = "settings.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot use state directory {path}: {source}")]
+    Dir { path: PathBuf, source: io::Error },
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("cannot write {path}: {source}")]
+    Write { path: PathBuf, source: io::Error },
+    #[error(
+        "{path} is corrupt ({reason}). Restore it from a backup; or, to start over with a new \
+         identity that every peer must then be given, move it aside and restart"
+    )]
+    Corrupt { path: PathBuf, reason: String },
+}
+
+/// Settings that survive restarts. Flags given on the command line override
+/// them and are then saved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub address: IpNet,
+    pub listen_port: u16,
+}
+
+pub struct StateDir {
+    dir: PathBuf,
+}
+
+impl StateDir {
+    /// Opens (creating if needed) the directory and makes it 0700.
+    pub fn open(dir: &Path) -> Result<Self, StateError> {
+        let err = |source| StateError::Dir {
+            path: dir.to_path_buf(),
+            source,
+        };
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(err)?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(err)?;
+        Ok(StateDir {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Loads the private key, generating and saving one only if the file does
+    /// not exist at all. Returns whether it was generated.
+    pub fn load_or_create_key(&self) -> Result<(Key, bool), StateError> {
+        let path = self.path(KEY_FILE);
+        match read_optional(&path)? {
+            Some(text) => Ok((parse_key(&path, &text)?, false)),
+            None => {
+                let key = generate_key();
+                self.save_key(&key)?;
+                Ok((key, true))
+            }
+        }
+    }
+
+    pub fn save_key(&self, key: &Key) -> Result<(), StateError> {
+        let mut text = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(key.0));
+        text.push('\n');
+        write_atomic(&self.path(KEY_FILE), text.as_bytes())
+    }
+
+    pub fn load_settings(&self) -> Result<Option<Settings>, StateError> {
+        let path = self.path(SETTINGS_FILE);
+        let Some(text) = read_optional(&path)? else {
+            return Ok(None);
+        };
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| StateError::Corrupt {
+                path,
+                reason: e.to_string(),
+            })
+    }
+
+    pub fn save_settings(&self, settings: &Settings) -> Result<(), StateError> {
+        let mut json = serde_json::to_vec_pretty(settings).map_err(|e| StateError::Write {
+            path: self.path(SETTINGS_FILE),
+            source: io::Error::other(e),
+        })?;
+        json.push(b'\n');
+        write_atomic(&self.path(SETTINGS_FILE), &json)
+    }
+}
+
+fn read_optional(path: &Path) -> Result<Option<Zeroizing<String>>, StateError> {
+    match fs::read_to_string(path) {
+        Ok(text) => Ok(Some(Zeroizing::new(text))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::InvalidData => Err(StateError::Corrupt {
+            path: path.to_path_buf(),
+            reason: "not UTF-8 text".into(),
+        }),
+        Err(source) => Err(StateError::Read {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+fn parse_key(path: &Path, text: &str) -> Result<Key, StateError> {
+    let corrupt = |reason: &str| StateError::Corrupt {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    };
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return Err(corrupt("the file is empty"));
+    }
+    let bytes = Zeroizing::new(
+        base64::engine::general_purpose::STANDARD
+            .decode(trimmed)
+            .map_err(|_| corrupt("not base64"))?,
+    );
+    let key: [u8; 32] = bytes
+        .as_slice()
+        .try_into()
+        .map_err(|_| corrupt("not a 32-byte key"))?;
+    let key = Key(key);
+    if key.is_zero() {
+        return Err(corrupt("the key is all zeros"));
+    }
+    Ok(key)
+}
+
+/// A new Curve25519 private key, clamped as `wg genkey` does.
+pub fn generate_key() -> Key {
+    use rand_core::RngCore;
+    let mut bytes = [0u8; 32];
+    rand_core::OsRng.fill_bytes(&mut bytes);
+    bytes[0] &= 248;
+    bytes[31] = (bytes[31] & 127) | 64;
+    let key = Key(bytes);
+    zeroize::Zeroize::zeroize(&mut bytes);
+    key
+}
+
+/// Replaces `path` with `contents` durably: temp file (O_EXCL, 0600), fsync,
+/// rename, fsync of the directory.
+pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), StateError> {
+    let err = |source| StateError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    // A temp file left by a crash of this same pid is ours to replace.
+    let _ = fs::remove_file(&tmp);
+    let result = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all(contents)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)?;
+        File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn tempdir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("vpcgate-state-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn key_is_generated_once_and_reused_with_0600() {
+        let dir = tempdir("key");
+        let state = StateDir::open(&dir).expect("open");
+        let (first, generated) = state.load_or_create_key().expect("create");
+        assert!(generated);
+        let (second, generated) = state.load_or_create_key().expect("load");
+        assert!(!generated);
+        assert!(first == second);
+        let meta = fs::metadata(dir.join(KEY_FILE)).expect("stat");
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        assert_eq!(fs::metadata(&dir).expect("stat").mode() & 0o777, 0o700);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn empty_or_garbage_key_is_refused_not_replaced() {
+        let dir = tempdir("corrupt");
+        let state = StateDir::open(&dir).expect("open");
+        for bad in ["", "\n", "not-base64!!", "AAAA"] {
+            fs::write(dir.join(KEY_FILE), bad).expect("write");
+            let err = state.load_or_create_key().expect_err("must refuse");
+            let msg = err.to_string();
+            assert!(msg.contains("private.key"), "{msg}");
+            assert!(msg.contains("corrupt"), "{msg}");
+            assert_eq!(fs::read_to_string(dir.join(KEY_FILE)).expect("read"), bad);
+        }
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn settings_round_trip_and_corruption_is_named() {
+        let dir = tempdir("settings");
+        let state = StateDir::open(&dir).expect("open");
+        assert_eq!(state.load_settings().expect("load"), None);
+        let settings = Settings {
+            address: "100.64.0.1/24".parse().expect("cidr"),
+            listen_port: 51820,
+        };
+        state.save_settings(&settings).expect("save");
+        assert_eq!(state.load_settings().expect("load"), Some(settings));
+        fs::write(dir.join(SETTINGS_FILE), "{\"address\":").expect("write");
+        let msg = state.load_settings().expect_err("corrupt").to_string();
+        assert!(msg.contains("settings.json"), "{msg}");
+        let leftovers: Vec<_> = fs::read_dir(&dir)
+            .expect("list")
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().contains(".tmp."))
+            .collect();
+        assert!(leftovers.is_empty());
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn generated_keys_are_clamped_and_distinct() {
+        let a = generate_key();
+        let b = generate_key();
+        assert!(a != b);
+        assert_eq!(a.0[0] & 7, 0);
+        assert_eq!(a.0[31] & 0xc0, 0x40);
+    }
+}

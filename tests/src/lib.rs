@@ -1,0 +1,26 @@
+//! Harness for vpcgate's network-namespace tests: it creates namespaces and
+//! veth underlays, runs `vpcgated` and wireguard-go inside them, configures
+//! both through `wg`, and generates and verifies traffic. Everything it
+//! starts is owned by an RAII value, so a failing test still cleans up.
+//!
+//! The tests need root. Every entry point that touches the network calls
+//! [`require_root`], which panics instead of letting a test pass silently.
+
+mod netns;
+mod pair;
+mod traffic;
+mod wg;
+
+pub use netns::{require_root, unique_ifname, veth, wait_until, Netns, Proc};
+pub use pair::{
+    Endpoints, Impl, Node, Pair, PairSpec, TUNNEL_PREFIX4, TUNNEL_PREFIX6, UNDERLAY_PREFIX4,
+    UNDERLAY_PREFIX6,
+};
+pub use traffic::{
+    iface_stats, ping, ping_stats, tcp_transfer, wait_for_ping, IfaceStats, Pattern, PingStats,
+    Transfer,
+};
+pub use wg::{
+    bin_dir, gen_keypair, public_key_of, unix_now, vpcgated_bin, KeyPair, VpcgatedConfig, WgDev,
+    WgDump, WgPeer, UAPI_DIR,
+};
