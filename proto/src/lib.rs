@@ -122,8 +122,7 @@ mod tests {
         let mut frame = ((MAX_FRAME + 1) as u32).to_be_bytes().to_vec();
         frame.extend_from_slice(b"{}");
         let err = read_frame::<Request>(&mut &frame[..])
-            .err()
-            .expect("too large");
+            .expect_err("too large");
         assert!(matches!(err, FrameError::TooLarge(n) if n == MAX_FRAME + 1));
     }
 
@@ -142,8 +141,7 @@ mod tests {
     fn truncated_frame_is_an_io_error() {
         let frame = encode(&Request::Status).expect("encode");
         let err = read_frame::<Request>(&mut &frame[..frame.len() - 1])
-            .err()
-            .expect("short");
+            .expect_err("short");
         assert!(matches!(err, FrameError::Io(_)));
     }
 }
