@@ -54,16 +54,22 @@ fn interface_name(name: &str) -> Result<String, String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let filter = match args
+    let level = args
         .log_level
         .clone()
         .or_else(|| std::env::var("VPCGATE_LOG").ok())
-        .map(EnvFilter::try_new)
-        .unwrap_or_else(|| Ok(EnvFilter::new("info")))
-    {
+        .unwrap_or_else(|| "info".into());
+    let filter = match EnvFilter::try_new(&level) {
+        // netlink-packet-route warns about every kernel attribute newer than
+        // itself; that is not the operator's concern.
+        Ok(filter) if !level.contains("netlink") => filter.add_directive(
+            "netlink_packet_route=error"
+                .parse()
+                .unwrap_or_else(|_| unreachable!("a valid directive")),
+        ),
         Ok(filter) => filter,
         Err(e) => {
-            eprintln!("vpcgated: invalid --log-level: {e}");
+            eprintln!("vpcgated: invalid --log-level {level:?}: {e}");
             return ExitCode::from(2);
         }
     };
