@@ -121,8 +121,7 @@ mod tests {
     fn oversized_prefix_is_refused_before_allocating() {
         let mut frame = ((MAX_FRAME + 1) as u32).to_be_bytes().to_vec();
         frame.extend_from_slice(b"{}");
-        let err = read_frame::<Request>(&mut &frame[..])
-            .expect_err("too large");
+        let err = read_frame::<Request>(&mut &frame[..]).expect_err("too large");
         assert!(matches!(err, FrameError::TooLarge(n) if n == MAX_FRAME + 1));
     }
 
@@ -140,8 +139,7 @@ mod tests {
     #[test]
     fn truncated_frame_is_an_io_error() {
         let frame = encode(&Request::Status).expect("encode");
-        let err = read_frame::<Request>(&mut &frame[..frame.len() - 1])
-            .expect_err("short");
+        let err = read_frame::<Request>(&mut &frame[..frame.len() - 1]).expect_err("short");
         assert!(matches!(err, FrameError::Io(_)));
     }
 }

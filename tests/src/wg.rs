@@ -463,6 +463,31 @@ impl WgDev {
         }
     }
 
+    /// Polls the peer's dump line until `pred` holds (counters may be
+    /// published a moment after the traffic that moved them); the error
+    /// shows the last line seen.
+    pub fn wait_peer(
+        &self,
+        public_key: &str,
+        timeout: Duration,
+        what: &str,
+        mut pred: impl FnMut(&WgPeer) -> bool,
+    ) -> Result<WgPeer> {
+        let mut last = None;
+        let res = wait_until(timeout, what, || {
+            let p = self.peer(public_key)?;
+            let ok = pred(&p);
+            last = Some(p);
+            Ok(ok)
+        });
+        match (res, last) {
+            (Ok(()), Some(p)) => Ok(p),
+            (Err(e), Some(p)) => Err(e.context(format!("last seen on {}: {p:?}", self.name))),
+            (Err(e), None) => Err(e),
+            (Ok(()), None) => bail!("peer {public_key} not read"),
+        }
+    }
+
     /// `wg show NAME`, the human-readable form.
     pub fn show(&self) -> Result<String> {
         self.wg(&["show", &self.name])

@@ -40,11 +40,14 @@ fn wireguard_go_pair_ping_and_transfer() {
     assert!(after.rx_packets > before.rx_packets + 1000);
     assert!(after.tx_packets > before.tx_packets + 1000);
 
-    let peer = a.dev.peer(&b.public_key).expect("a lists b");
-    assert!(
-        peer.rx_bytes >= 20 * MB && peer.tx_bytes >= 20 * MB,
-        "{peer:?}"
-    );
+    a.dev
+        .wait_peer(
+            &b.public_key,
+            Duration::from_secs(3),
+            "counters to reflect 20 MB each way",
+            |p| p.rx_bytes >= 20 * MB && p.tx_bytes >= 20 * MB,
+        )
+        .expect("a's counters for b");
 }
 
 #[test]

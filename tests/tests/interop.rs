@@ -125,20 +125,27 @@ fn interop(gw_impl: Impl, endpoints: Endpoints) {
     let c1 = gw.dev.peer(&wgo.public_key).expect("peer listed");
     assert!(ping(&gw.ns, &wgo.t4(), 3), "ping vpcgated -> wireguard-go");
     assert!(ping(&wgo.ns, &gw.t4(), 3), "ping wireguard-go -> vpcgated");
-    let c2 = gw.dev.peer(&wgo.public_key).expect("peer listed");
-    assert!(
-        c2.rx_bytes > c1.rx_bytes && c2.tx_bytes > c1.tx_bytes,
-        "rx/tx counters did not grow with traffic: before {c1:?}, after {c2:?}"
-    );
+    let c2 = gw
+        .dev
+        .wait_peer(
+            &wgo.public_key,
+            Duration::from_secs(3),
+            "rx/tx counters to grow with the pings",
+            |p| p.rx_bytes > c1.rx_bytes && p.tx_bytes > c1.tx_bytes,
+        )
+        .unwrap_or_else(|e| panic!("before the pings {c1:?}: {e:#}"));
 
     tcp_transfer(&wgo.ns, &gw.ns, IpAddr::V4(wgo.tunnel4), 5201, 20 * MB)
         .expect("20 MB each way, vpcgated connecting to wireguard-go");
     tcp_transfer(&gw.ns, &wgo.ns, IpAddr::V4(gw.tunnel4), 5202, 2 * MB)
         .expect("2 MB each way, wireguard-go connecting to vpcgated");
-    let c3 = gw.dev.peer(&wgo.public_key).expect("peer listed");
-    assert!(
-        c3.rx_bytes >= c2.rx_bytes + 22 * MB && c3.tx_bytes >= c2.tx_bytes + 22 * MB,
-        "counters do not reflect 22 MB each way: before {c2:?}, after {c3:?}"
-    );
+    gw.dev
+        .wait_peer(
+            &wgo.public_key,
+            Duration::from_secs(3),
+            "rx/tx counters to grow by the 22 MB carried each way",
+            |p| p.rx_bytes >= c2.rx_bytes + 22 * MB && p.tx_bytes >= c2.tx_bytes + 22 * MB,
+        )
+        .unwrap_or_else(|e| panic!("before the transfers {c2:?}: {e:#}"));
     pair.a.dev.check_running().expect("vpcgated still running");
 }

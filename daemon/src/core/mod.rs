@@ -9,8 +9,8 @@
 //! from the caller.
 //!
 //! One thread owns a `Node`, so nothing here locks: the table is read through
-//! an `arc_swap::Cache`, and statistics are published to atomics once per
-//! timer tick rather than once per packet.
+//! an `arc_swap::Cache`, and statistics are plain atomic stores by their only
+//! writer.
 
 pub mod packet;
 pub mod table;
@@ -149,6 +149,19 @@ impl PeerStats {
         }
     }
 
+    // Only the data-path thread writes the counters, so a load and a store
+    // suffice: no locked read-modify-write per packet, and readers on other
+    // threads always see a whole value.
+    fn add_rx(&self, bytes: usize) {
+        let now = self.rx_bytes.load(Ordering::Relaxed);
+        self.rx_bytes.store(now + bytes as u64, Ordering::Relaxed);
+    }
+
+    fn add_tx(&self, bytes: usize) {
+        let now = self.tx_bytes.load(Ordering::Relaxed);
+        self.tx_bytes.store(now + bytes as u64, Ordering::Relaxed);
+    }
+
     pub fn rx_bytes(&self) -> u64 {
         self.rx_bytes.load(Ordering::Relaxed)
     }
@@ -210,8 +223,6 @@ struct Peer {
     persistent_keepalive: u16,
     last_sent: Option<Instant>,
     session_established: Option<Instant>,
-    rx_bytes: u64,
-    tx_bytes: u64,
     stats: Arc<PeerStats>,
 }
 
@@ -228,7 +239,7 @@ impl Peer {
             return;
         };
         if tx.send_udp(endpoint, datagram) {
-            self.tx_bytes += datagram.len() as u64;
+            self.stats.add_tx(datagram.len());
             self.last_sent = Some(now);
         } else {
             counters.add(DropReason::SendFailed);
@@ -333,8 +344,6 @@ impl Node {
             persistent_keepalive: spec.persistent_keepalive,
             last_sent: None,
             session_established: None,
-            rx_bytes: spec.stats.rx_bytes(),
-            tx_bytes: spec.stats.tx_bytes(),
             stats: spec.stats,
         };
         peer.tunn = new_tunn(self.identity.as_ref(), &peer, slot);
@@ -449,7 +458,7 @@ impl Node {
             TunnResult::WriteToNetwork(reply) => {
                 // A handshake answer goes back where the message came from.
                 if tx.send_udp(from, reply) {
-                    peer.tx_bytes += reply.len() as u64;
+                    peer.stats.add_tx(reply.len());
                     peer.last_sent = Some(now);
                 } else {
                     counters.add(DropReason::SendFailed);
@@ -457,7 +466,7 @@ impl Node {
                 // A completed handshake releases packets queued while it ran.
                 while let TunnResult::WriteToNetwork(queued) = tunn.decapsulate(None, &[], buf) {
                     if tx.send_udp(from, queued) {
-                        peer.tx_bytes += queued.len() as u64;
+                        peer.stats.add_tx(queued.len());
                     } else {
                         counters.add(DropReason::SendFailed);
                     }
@@ -482,7 +491,7 @@ impl Node {
         // Everything that reaches here was authenticated, except a cookie
         // reply, which does not prove the sender's identity.
         if !is_cookie {
-            peer.rx_bytes += datagram.len() as u64;
+            peer.stats.add_rx(datagram.len());
             if peer.endpoint != Some(from) {
                 peer.endpoint = Some(from);
                 peer.stats.set_endpoint(Some(from));
@@ -537,8 +546,6 @@ impl Node {
                 }
             }
             track_handshake(peer, now, wall);
-            peer.stats.rx_bytes.store(peer.rx_bytes, Ordering::Relaxed);
-            peer.stats.tx_bytes.store(peer.tx_bytes, Ordering::Relaxed);
         }
     }
 }

@@ -46,8 +46,11 @@ async fn handle(stream: UnixStream, daemon: &Daemon) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     let mut parser = RequestParser::new();
-    let mut line = Vec::with_capacity(256);
-    let mut reply = String::new();
+    // A set request carries private and preshared keys; both buffers are
+    // sized up front so they rarely reallocate and leave copies behind.
+    let mut line = zeroize::Zeroizing::new(Vec::with_capacity(MAX_LINE + 1));
+    // A get reply carries the private key in hex.
+    let mut reply = zeroize::Zeroizing::new(String::with_capacity(4096));
     // Set once a request has failed: the rest of it is skipped up to its
     // terminating blank line, then the error is reported.
     let mut failed: Option<i32> = None;
@@ -55,7 +58,7 @@ async fn handle(stream: UnixStream, daemon: &Daemon) -> std::io::Result<()> {
         line.clear();
         let n = (&mut reader)
             .take(MAX_LINE as u64 + 1)
-            .read_until(b'\n', &mut line)
+            .read_until(b'\n', &mut *line)
             .await?;
         if n == 0 {
             return Ok(());
