@@ -58,7 +58,7 @@ async fn handle(stream: UnixStream, daemon: &Daemon) -> std::io::Result<()> {
         line.clear();
         let n = (&mut reader)
             .take(MAX_LINE as u64 + 1)
-            .read_until(b'\n', &mut *line)
+            .read_until(b'\n', &mut line)
             .await?;
         if n == 0 {
             return Ok(());
