@@ -4,11 +4,14 @@
 //! new one and publish it, so lookups take no lock and never allocate. Building
 //! flattens the prefixes of each address family into sorted disjoint intervals,
 //! each carrying the value of its longest covering prefix, so a lookup is a
-//! search for the last interval starting at or below the address. Memory grows
-//! linearly with the number of prefixes, however sparse they are.
+//! search for the last interval starting at or below the address. IPv4 narrows
+//! that search with a direct index on the top 16 bits, IPv6 with a radix index
+//! that adapts to where its prefixes cluster. Memory grows linearly with the
+//! number of prefixes, however sparse they are.
 
 use std::cmp::Reverse;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::ops::Range;
 
 use ipnet::IpNet;
 
@@ -56,6 +59,7 @@ impl<V: Copy + Eq> RouteTable<V> {
         }
     }
 
+    #[inline]
     pub fn lookup(&self, addr: IpAddr) -> Option<V> {
         match addr {
             IpAddr::V4(addr) => self.lookup_v4(addr),
@@ -201,7 +205,7 @@ fn close_before<K: Key, V: Copy + Eq>(
 }
 
 /// IPv4 intervals behind a direct index on the top 16 address bits. Block
-/// `h` (addresses `h.x.y.z` with `h` the top 16 bits) holds the intervals
+/// `h`, the addresses whose top 16 bits are `h`, holds the intervals
 /// `index[h]..index[h + 1]`; those all start inside the block, so only their
 /// low 16 bits are kept. The interval just before the block covers the
 /// addresses below its first start.
@@ -235,8 +239,7 @@ impl<V: Copy + Eq> V4Intervals<V> {
             while pending.next_if(|&&start| start >> 16 < block).is_some() {
                 below += 1;
             }
-            // Saturating would take 2^32 intervals, tens of GiB of table.
-            index.push(u32::try_from(below).unwrap_or(u32::MAX));
+            index.push(offset(below));
         }
         Self {
             index: index.into_boxed_slice(),
@@ -265,35 +268,72 @@ impl<V: Copy + Eq> V4Intervals<V> {
     }
 }
 
-/// Keys per node of the IPv6 search tree: 8 × 16 bytes fill two cache lines.
-const V6_FANOUT: usize = 8;
+/// Keys a bucket may hold before it gets a radix node of its own.
+const V6_LEAF_KEYS: usize = 8;
+/// Bounds memory on adversarial key sets: each depth adds at most one slot
+/// per key. Below it a bucket is bisected however large it is.
+const V6_MAX_DEPTH: usize = 4;
+/// A root of 2^16 slots takes 512 KiB, which still fits in L2 cache.
+const V6_MAX_BITS: u32 = 16;
+
+/// IPv6 intervals behind a radix index that adapts to where the keys are.
+/// IPv6 prefixes cluster under a few allocations, so a fixed index on the
+/// top bits would put them all in one bucket. Instead each node skips the
+/// bits its keys share and indexes the next few, sized to give about two
+/// keys per bucket; a crowded bucket gets a node of its own. A lookup reads
+/// a node and a slot per level (usually one level, all small enough to stay
+/// cached), then compares the address with a few interval starts.
+struct V6Intervals<V> {
+    /// Start and value side by side: the last cache line a lookup reads
+    /// holds both.
+    intervals: Box<[V6Interval<V>]>,
+    /// Root first; children always come after their parent.
+    nodes: Box<[RadixNode]>,
+    slots: Box<[Slot]>,
+}
 
 #[derive(Clone, Copy)]
-#[repr(align(64))]
-struct V6Node([u128; V6_FANOUT]);
+struct V6Interval<V> {
+    start: u128,
+    value: Option<V>,
+}
 
-/// IPv6 intervals in a static B+ tree. IPv6 prefixes cluster under a few
-/// allocations, so a direct index on the top bits would not narrow a search;
-/// the tree reads one node per level and has few levels (6 at 260,000
-/// intervals), while a binary search would miss the cache about 18 times.
-///
-/// Level 0 is the interval starts in order, cut into nodes; each level above
-/// holds the first key of every node of the level below. Unused key slots are
-/// `u128::MAX`.
-struct V6Intervals<V> {
-    nodes: Box<[V6Node]>,
-    /// Per level, top first: the offset of its first node in `nodes` and its
-    /// number of keys.
-    levels: Box<[(usize, usize)]>,
-    values: Box<[Option<V>]>,
+/// Covers the intervals `begin..end`, whose starts all share their top
+/// `skip` bits.
+#[derive(Clone, Copy)]
+struct RadixNode {
+    prefix: u128,
+    /// The top `skip` bits.
+    mask: u128,
+    skip: u32,
+    /// `128 - bits`, for `bits` indexed after the shared ones.
+    shift: u32,
+    first_slot: usize,
+    begin: usize,
+    end: usize,
+}
+
+impl RadixNode {
+    fn bucket(&self, addr: u128) -> usize {
+        // skip < 128 and shift < 128, so nothing wraps.
+        addr.wrapping_shl(self.skip).wrapping_shr(self.shift) as usize
+    }
+}
+
+/// Bucket `b` of a node holds the intervals from `slots[first_slot + b].begin`
+/// to the next slot's `begin`, and is split further if `child` is not zero.
+#[derive(Clone, Copy)]
+struct Slot {
+    begin: u32,
+    child: u32,
 }
 
 impl<V: Copy + Eq> V6Intervals<V> {
     fn empty() -> Self {
         Self {
+            intervals: Box::default(),
             nodes: Box::default(),
-            levels: Box::default(),
-            values: Box::default(),
+            slots: Box::default(),
         }
     }
 
@@ -301,54 +341,141 @@ impl<V: Copy + Eq> V6Intervals<V> {
         if intervals.values.iter().all(Option::is_none) {
             return Self::empty();
         }
-        let mut keys = vec![intervals.starts];
-        while let Some(below) = keys.last().filter(|level| level.len() > V6_FANOUT) {
-            let above = below.iter().step_by(V6_FANOUT).copied().collect();
-            keys.push(above);
+        let mut nodes = Vec::new();
+        let mut slots = Vec::new();
+        // The interval at :: is left out: it holds every address below the
+        // other starts, whatever bits those share.
+        let keys = intervals.starts.len();
+        if keys > V6_LEAF_KEYS + 1 {
+            add_node(&intervals.starts, 1..keys, 0, &mut nodes, &mut slots);
         }
-        let mut nodes = Vec::with_capacity(keys.iter().map(|k| k.len().div_ceil(V6_FANOUT)).sum());
-        let mut levels = Vec::with_capacity(keys.len());
-        for level in keys.iter().rev() {
-            levels.push((nodes.len(), level.len()));
-            nodes.extend(level.chunks(V6_FANOUT).map(|chunk| {
-                let mut node = V6Node([u128::MAX; V6_FANOUT]);
-                node.0
-                    .iter_mut()
-                    .zip(chunk)
-                    .for_each(|(slot, &key)| *slot = key);
-                node
-            }));
-        }
+        let intervals = intervals.starts.iter().zip(intervals.values);
         Self {
+            intervals: intervals
+                .map(|(&start, value)| V6Interval { start, value })
+                .collect(),
             nodes: nodes.into_boxed_slice(),
-            levels: levels.into_boxed_slice(),
-            values: intervals.values.into_boxed_slice(),
+            slots: slots.into_boxed_slice(),
         }
     }
 
-    /// At each level `pos` is the node to read, found as the position of the
-    /// last key `<= addr` one level up; at level 0 it is the interval.
     #[inline]
     fn lookup(&self, addr: u128) -> Option<V> {
-        let mut pos = 0;
-        for &(first_node, keys) in self.levels.iter() {
-            let node = self.nodes.get(first_node + pos)?;
-            let not_above: usize = node.0.iter().map(|&key| usize::from(key <= addr)).sum();
-            // The node's first key was `<= addr` one level up, so `not_above`
-            // is at least 1. Padding counts too when `addr` is `u128::MAX`, so
-            // clamp to the level's last key.
-            pos = (pos * V6_FANOUT + not_above)
-                .saturating_sub(1)
-                .min(keys.saturating_sub(1));
+        let (begin, end) = self.narrow(addr);
+        let len = end.saturating_sub(begin);
+        let window = self
+            .intervals
+            .get(begin..)
+            .and_then(<[_]>::first_chunk::<V6_LEAF_KEYS>);
+        let started = match window {
+            // Intervals past `end` start above `addr`, so a whole window can
+            // be counted without a branch on the keys, which a bisection
+            // would mispredict half the time. The `min` only guards that.
+            Some(window) if len <= V6_LEAF_KEYS => window
+                .iter()
+                .map(|interval: &V6Interval<V>| usize::from(interval.start <= addr))
+                .sum::<usize>()
+                .min(len),
+            _ => self
+                .intervals
+                .get(begin..end)?
+                .partition_point(|interval| interval.start <= addr),
+        };
+        let slot = (begin + started).checked_sub(1)?;
+        self.intervals.get(slot)?.value
+    }
+
+    /// Intervals among which the last one starting at or below `addr` lies;
+    /// if none of them does, it is the interval just before them.
+    #[inline]
+    fn narrow(&self, addr: u128) -> (usize, usize) {
+        let mut at = 0;
+        loop {
+            let Some(node) = self.nodes.get(at) else {
+                return (0, self.intervals.len());
+            };
+            if addr & node.mask != node.prefix {
+                let edge = if addr < node.prefix {
+                    node.begin
+                } else {
+                    node.end
+                };
+                return (edge, edge);
+            }
+            let slot = node.first_slot + node.bucket(addr);
+            let (Some(this), Some(next)) = (self.slots.get(slot), self.slots.get(slot + 1)) else {
+                return (0, 0);
+            };
+            if this.child == 0 {
+                return (this.begin as usize, next.begin as usize);
+            }
+            at = this.child as usize;
         }
-        self.values.get(pos).copied().flatten()
     }
 
     fn heap_bytes(&self) -> usize {
-        std::mem::size_of_val(&*self.nodes)
-            + std::mem::size_of_val(&*self.levels)
-            + std::mem::size_of_val(&*self.values)
+        std::mem::size_of_val(&*self.intervals)
+            + std::mem::size_of_val(&*self.nodes)
+            + std::mem::size_of_val(&*self.slots)
     }
+}
+
+/// Adds the node for `starts[range]` (more than `V6_LEAF_KEYS` of them) and,
+/// below it, nodes for its crowded buckets. Returns the node's position.
+fn add_node(
+    starts: &[u128],
+    range: Range<usize>,
+    depth: usize,
+    nodes: &mut Vec<RadixNode>,
+    slots: &mut Vec<Slot>,
+) -> u32 {
+    let keys = starts.get(range.clone()).unwrap_or_default();
+    let (Some(&first), Some(&last)) = (keys.first(), keys.last()) else {
+        return 0;
+    };
+    // Distinct starts part within 128 bits, and `n` of them under one prefix
+    // need `log2(n)` more bits after it: `skip + bits` stays below 128.
+    let skip = (first ^ last).leading_zeros();
+    let bits = keys.len().ilog2().saturating_sub(1).clamp(1, V6_MAX_BITS);
+    let mask = u128::MAX.checked_shl(128 - skip).unwrap_or(0);
+    let node = RadixNode {
+        prefix: first & mask,
+        mask,
+        skip,
+        shift: 128 - bits,
+        first_slot: slots.len(),
+        begin: range.start,
+        end: range.end,
+    };
+    let at = offset(nodes.len());
+    nodes.push(node);
+
+    let mut pending = keys.iter().peekable();
+    let mut begin = range.start;
+    for bucket in 0..=1usize << bits {
+        while pending.next_if(|&&k| node.bucket(k) < bucket).is_some() {
+            begin += 1;
+        }
+        slots.push(Slot {
+            begin: offset(begin),
+            child: 0,
+        });
+    }
+    if depth + 1 < V6_MAX_DEPTH {
+        for slot in node.first_slot..slots.len() - 1 {
+            let (begin, end) = (slots[slot].begin as usize, slots[slot + 1].begin as usize);
+            if end - begin > V6_LEAF_KEYS {
+                slots[slot].child = add_node(starts, begin..end, depth + 1, nodes, slots);
+            }
+        }
+    }
+    at
+}
+
+/// An offset into a table. It could only saturate past 2^32 intervals, tens
+/// of GiB of table.
+fn offset(i: usize) -> u32 {
+    u32::try_from(i).unwrap_or(u32::MAX)
 }
 
 #[cfg(test)]

@@ -356,3 +356,36 @@ proptest::proptest! {
         a.send_ip(&bytes);
     }
 }
+
+#[test]
+fn under_load_initiations_get_cookie_replies() {
+    let (a, mut b) = pair();
+    // A stand-in for host a that can force a fresh initiation each time;
+    // every one carries a valid mac1 for b.
+    let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+    b.add_peer(C, PublicKey::from(&secret).to_bytes(), None, &[]);
+    let mut flooder = Tunn::new(secret, PublicKey::from(b.public), None, None, 9, None);
+    let mut scratch = vec![0u8; BUF_SIZE];
+    let mut cookies = 0;
+    let mut responses = 0;
+    for _ in 0..400 {
+        let TunnResult::WriteToNetwork(init) =
+            flooder.format_handshake_initiation(&mut scratch, true)
+        else {
+            panic!("boringtun did not format an initiation");
+        };
+        let init = init.to_vec();
+        b.receive(a.addr, &init);
+        for (to, reply) in b.wire.sent.drain(..) {
+            assert_eq!(to, a.addr, "replies go to the sender");
+            match reply[0] {
+                2 => responses += 1,
+                3 => cookies += 1,
+                other => panic!("unexpected message type {other}"),
+            }
+        }
+    }
+    assert!(responses > 0, "before the limit, initiations are answered");
+    assert!(cookies > 0, "past the limit, b must demand a cookie");
+    assert_eq!(responses + cookies, 400);
+}
