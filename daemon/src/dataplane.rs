@@ -361,9 +361,8 @@ impl Worker {
         while let Ok(command) = self.inbox.try_recv() {
             match command {
                 Command::Apply(changes) => {
-                    let now = Instant::now();
                     for change in changes {
-                        self.node.apply(change, now);
+                        self.node.apply(change);
                     }
                 }
                 Command::Sockets(sockets) => self.sockets = sockets,

@@ -16,7 +16,7 @@ pub mod packet;
 pub mod table;
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -275,10 +275,10 @@ impl Node {
         self.next_tick
     }
 
-    pub fn apply(&mut self, change: Change, now: Instant) {
+    pub fn apply(&mut self, change: Change) {
         match change {
             Change::SetPrivateKey(secret) => self.set_private_key(secret),
-            Change::UpsertPeer(spec) => self.upsert_peer(spec, now),
+            Change::UpsertPeer(spec) => self.upsert_peer(spec),
             Change::RemovePeer(handle) => {
                 if let Some(peer) = self.peer_mut(handle) {
                     let key = peer.public_key;
@@ -323,7 +323,7 @@ impl Node {
         }
     }
 
-    fn upsert_peer(&mut self, spec: PeerSpec, now: Instant) {
+    fn upsert_peer(&mut self, spec: PeerSpec) {
         let slot = handle_slot(spec.handle);
         if slot >= MAX_PEERS {
             return;
@@ -347,7 +347,6 @@ impl Node {
             stats: spec.stats,
         };
         peer.tunn = new_tunn(self.identity.as_ref(), &peer, slot);
-        let _ = now;
         self.by_key.insert(peer.public_key, slot);
         self.peers[index] = Some(peer);
     }
@@ -612,11 +611,6 @@ pub fn short_key(key: &[u8; 32]) -> String {
     let mut s = base64::engine::general_purpose::STANDARD.encode(key);
     s.truncate(8);
     s
-}
-
-/// Destination lookups for callers outside the data path (diagnostics).
-pub fn route_of(table: &RouteTable<PeerHandle>, addr: IpAddr) -> Option<PeerHandle> {
-    table.lookup(addr)
 }
 
 #[cfg(test)]

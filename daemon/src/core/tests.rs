@@ -38,7 +38,7 @@ impl Host {
         let table: SharedTable = Arc::new(ArcSwap::from_pointee(RouteTable::empty()));
         let counters = Arc::new(DropCounters::default());
         let mut node = Node::new(table.clone(), counters.clone(), Instant::now());
-        node.apply(Change::SetPrivateKey(Some(secret)), Instant::now());
+        node.apply(Change::SetPrivateKey(Some(secret)));
         Host {
             node,
             table,
@@ -59,17 +59,14 @@ impl Host {
         ips: &[&str],
     ) -> Arc<PeerStats> {
         let stats = Arc::new(PeerStats::new(endpoint));
-        self.node.apply(
-            Change::UpsertPeer(PeerSpec {
-                handle,
-                public_key: key,
-                preshared_key: None,
-                endpoint,
-                persistent_keepalive: 0,
-                stats: stats.clone(),
-            }),
-            Instant::now(),
-        );
+        self.node.apply(Change::UpsertPeer(PeerSpec {
+            handle,
+            public_key: key,
+            preshared_key: None,
+            endpoint,
+            persistent_keepalive: 0,
+            stats: stats.clone(),
+        }));
         for ip in ips {
             self.routes.push((ip.parse().expect("cidr"), handle));
         }
@@ -80,7 +77,7 @@ impl Host {
     fn remove_peer(&mut self, handle: PeerHandle) {
         self.routes.retain(|(_, h)| *h != handle);
         self.publish();
-        self.node.apply(Change::RemovePeer(handle), Instant::now());
+        self.node.apply(Change::RemovePeer(handle));
     }
 
     fn publish(&self) {
@@ -279,8 +276,7 @@ fn low_order_peer_keys_never_cause_a_datagram() {
             Some("198.18.0.1:51820".parse().expect("addr")),
             &[],
         );
-        a.node
-            .apply(Change::SetKeepalive(handle, 1), Instant::now());
+        a.node.apply(Change::SetKeepalive(handle, 1));
     }
     a.routes
         .push(("100.64.0.0/24".parse().expect("cidr"), 10 << 32 | 10));
@@ -320,7 +316,7 @@ fn persistent_keepalive_fires_when_idle() {
     let (mut a, mut b) = pair();
     a.send_ip(&ipv4("100.64.0.2", "100.64.0.1", b"up"));
     settle(&mut [&mut a, &mut b]);
-    a.node.apply(Change::SetKeepalive(B, 5), Instant::now());
+    a.node.apply(Change::SetKeepalive(B, 5));
     let t = Instant::now() + Duration::from_secs(1);
     a.node
         .handle_timers(t, SystemTime::now(), &mut a.buf, &mut a.wire);
