@@ -29,9 +29,36 @@ pub struct PeerConfig {
     pub allowed_ips: Vec<IpNet>,
     pub handle: PeerHandle,
     pub stats: Arc<PeerStats>,
+    /// Set by `vpcgate peer add`; peers added with `wg` have none.
+    pub name: Option<String>,
+    /// The client's private key, when we generated it.
+    pub client_private_key: Option<Key>,
+    /// Trust this peer's advertised routes.
+    pub accept_routes: bool,
+    pub accept_default_route: bool,
+    /// Routes learned from this peer (accept-routes); part of its allowed
+    /// IPs for cryptokey routing, kept apart from the configured ones.
+    pub learned: Vec<IpNet>,
 }
 
 impl PeerConfig {
+    fn new(public_key: Key, handle: PeerHandle) -> PeerConfig {
+        PeerConfig {
+            public_key,
+            preshared_key: None,
+            endpoint: None,
+            persistent_keepalive: 0,
+            allowed_ips: Vec::new(),
+            handle,
+            stats: Arc::new(PeerStats::new(None)),
+            name: None,
+            client_private_key: None,
+            accept_routes: false,
+            accept_default_route: false,
+            learned: Vec::new(),
+        }
+    }
+
     fn spec(&self) -> PeerSpec {
         PeerSpec {
             handle: self.handle,
@@ -39,8 +66,26 @@ impl PeerConfig {
             preshared_key: self.preshared_key.as_ref().map(|k| Zeroizing::new(k.0)),
             endpoint: self.stats.endpoint().or(self.endpoint),
             persistent_keepalive: self.persistent_keepalive,
+            route_source: self.route_source(),
             stats: self.stats.clone(),
         }
+    }
+
+    /// Where route requests go: the peer's tunnel address, taken as the
+    /// first IPv4 host route in its allowed IPs, when it is trusted for routes.
+    pub fn route_source(&self) -> Option<std::net::Ipv4Addr> {
+        if !self.accept_routes {
+            return None;
+        }
+        self.allowed_ips.iter().find_map(|net| match net {
+            IpNet::V4(v4) if v4.prefix_len() == 32 => Some(v4.addr()),
+            _ => None,
+        })
+    }
+
+    /// Every prefix this peer owns for cryptokey routing.
+    pub fn effective_allowed_ips(&self) -> impl Iterator<Item = &IpNet> {
+        self.allowed_ips.iter().chain(self.learned.iter())
     }
 }
 
@@ -126,22 +171,61 @@ impl DeviceConfig {
     }
 
     pub fn route_table(&self) -> RouteTable<PeerHandle> {
-        RouteTable::build(
-            self.peers
-                .iter()
-                .flat_map(|p| p.allowed_ips.iter().map(move |net| (*net, p.handle))),
-        )
+        // Learned routes come first so that a configured prefix, inserted
+        // later, wins a tie: the last duplicate wins in `build`.
+        let learned = self
+            .peers
+            .iter()
+            .flat_map(|p| p.learned.iter().map(move |net| (*net, p.handle)));
+        let configured = self
+            .peers
+            .iter()
+            .flat_map(|p| p.allowed_ips.iter().map(move |net| (*net, p.handle)));
+        RouteTable::build(learned.chain(configured))
+    }
+
+    pub fn peer_by_name(&self, name: &str) -> Option<&PeerConfig> {
+        self.peers.iter().find(|p| p.name.as_deref() == Some(name))
+    }
+
+    pub fn peer_by_handle_mut(&mut self, handle: PeerHandle) -> Option<&mut PeerConfig> {
+        self.peers.iter_mut().find(|p| p.handle == handle)
+    }
+
+    /// Adds a peer with a fresh handle.
+    pub fn push_peer(&mut self, public_key: Key) -> Result<&mut PeerConfig, Errno> {
+        let handle = self.handles.allocate()?;
+        self.peers.push(PeerConfig::new(public_key, handle));
+        let last = self.peers.len() - 1;
+        Ok(&mut self.peers[last])
     }
 
     /// Applies a parsed `set` to a copy of this state.
     pub fn apply(&self, req: SetRequest) -> Result<(DeviceConfig, Plan), Errno> {
+        self.transform(|next, plan| next.apply_request(req, plan))
+    }
+
+    /// Runs `edit` on a copy of this state and plans the changes it made.
+    pub fn transform<E>(
+        &self,
+        edit: impl FnOnce(&mut DeviceConfig, &mut Plan) -> Result<(), E>,
+    ) -> Result<(DeviceConfig, Plan), E> {
         let mut next = self.clone();
         let mut plan = Plan::default();
+        edit(&mut next, &mut plan)?;
+        if next.private_key != self.private_key {
+            plan.private_key_changed = true;
+        }
+        self.diff_into(&mut next, &mut plan);
+        Ok((next, plan))
+    }
+
+    fn apply_request(&mut self, req: SetRequest, plan: &mut Plan) -> Result<(), Errno> {
+        let current_port = self.listen_port;
+        let current_fwmark = self.fwmark;
+        let next = self;
 
         if let Some(private_key) = req.private_key {
-            if private_key != self.private_key {
-                plan.private_key_changed = true;
-            }
             next.private_key = private_key;
             // As in the kernel: a peer with our own public key is dropped.
             if let Some(own) = next.public_key() {
@@ -149,13 +233,13 @@ impl DeviceConfig {
             }
         }
         if let Some(port) = req.listen_port {
-            if port != self.listen_port {
+            if port != current_port {
                 plan.listen_port = Some(port);
             }
             next.listen_port = port;
         }
         if let Some(fwmark) = req.fwmark {
-            if fwmark != self.fwmark {
+            if fwmark != current_fwmark {
                 plan.fwmark = Some(fwmark);
             }
             next.fwmark = fwmark;
@@ -184,15 +268,7 @@ impl DeviceConfig {
                 Some(i) => i,
                 None if change.update_only => continue,
                 None => {
-                    next.peers.push(PeerConfig {
-                        public_key: change.public_key.clone(),
-                        preshared_key: None,
-                        endpoint: None,
-                        persistent_keepalive: 0,
-                        allowed_ips: Vec::new(),
-                        handle: next.handles.allocate()?,
-                        stats: Arc::new(PeerStats::new(None)),
-                    });
+                    next.push_peer(change.public_key.clone())?;
                     next.peers.len() - 1
                 }
             };
@@ -226,9 +302,7 @@ impl DeviceConfig {
                 }
             }
         }
-
-        self.diff_into(&mut next, &mut plan);
-        Ok((next, plan))
+        Ok(())
     }
 
     fn diff_into(&self, next: &mut DeviceConfig, plan: &mut Plan) {
@@ -247,8 +321,12 @@ impl DeviceConfig {
                     plan.before_table.push(Change::UpsertPeer(peer.spec()));
                 }
                 Some(prev) => {
-                    if prev.allowed_ips != peer.allowed_ips {
+                    if prev.allowed_ips != peer.allowed_ips || prev.learned != peer.learned {
                         routes_changed = true;
+                    }
+                    if prev.route_source() != peer.route_source() {
+                        plan.before_table
+                            .push(Change::SetRouteSource(peer.handle, peer.route_source()));
                     }
                     if prev.preshared_key != peer.preshared_key {
                         plan.before_table.push(Change::UpsertPeer(peer.spec()));
@@ -298,7 +376,7 @@ impl DeviceConfig {
                     last_handshake: p.stats.last_handshake(),
                     rx_bytes: p.stats.rx_bytes(),
                     tx_bytes: p.stats.tx_bytes(),
-                    allowed_ips: p.allowed_ips.clone(),
+                    allowed_ips: p.effective_allowed_ips().copied().collect(),
                 })
                 .collect(),
         }

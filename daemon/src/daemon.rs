@@ -1,12 +1,15 @@
 //! Start-up, the control plane's shared state, and shutdown.
 //!
 //! The control plane runs on a single-threaded tokio runtime: the UAPI and
-//! control sockets, netlink and signals. It owns the desired state and turns
-//! each accepted change into side effects in a fixed order: whatever can fail
-//! (binding a port, writing state) happens first, then the data path is
-//! updated, and only then is the change committed and acknowledged.
+//! control sockets, netlink, nftables and signals. It owns the desired state
+//! behind one lock, so changes are serialised, and turns each accepted change
+//! into side effects in a fixed order: whatever can fail (binding a port,
+//! nftables, writing state) happens first, then the data path is updated, and
+//! only then is the change committed and acknowledged.
 
+use std::collections::HashSet;
 use std::io;
+use std::net::Ipv4Addr;
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -14,18 +17,25 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use arc_swap::ArcSwap;
+use base64::Engine;
 use ipnet::IpNet;
+use nix::errno::Errno;
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::Mutex;
-use vpcgate_proto::{PeerStatus, Request, Response, Status};
+use vpcgate_proto::{PeerStatus, Request, Response, SetOptions, Status};
 
-use crate::config::DeviceConfig;
-use crate::core::{DropCounters, DropReason, RouteTable, SharedTable};
+use crate::config::{DeviceConfig, PeerConfig, Plan};
+use crate::core::mss::mss_for_mtu;
+use crate::core::{
+    Change, DropCounters, DropReason, Event, PeerHandle, RouteTable, Routes, SharedRoutes,
+};
 use crate::dataplane::{Command, Dataplane, UdpSockets};
+use crate::nat::{Nat, NatState, NftNat};
 use crate::netlink::Netlink;
-use crate::state::{Settings, StateDir};
-use crate::uapi::proto::SetRequest;
+use crate::state::{Settings, StateDir, StoredPeer};
+use crate::subnet::{self, ClientConfig, LearnPolicy};
+use crate::uapi::proto::{Key, SetRequest};
 
 pub const DEFAULT_ADDRESS: &str = "100.64.0.1/24";
 pub const DEFAULT_PORT: u16 = 51820;
@@ -38,30 +48,219 @@ pub struct Options {
     pub state_dir: PathBuf,
     pub socket: PathBuf,
     pub listen_port: Option<u16>,
-    pub address: Option<IpNet>,
+    pub addresses: Option<Vec<IpNet>>,
     pub mtu: u32,
+}
+
+/// Everything a change may touch, behind one lock.
+struct Inner {
+    config: DeviceConfig,
+    settings: Settings,
+    nat: Box<dyn Nat>,
+    /// Set when nftables refused our table; shown in status.
+    nat_error: Option<String>,
 }
 
 pub struct Daemon {
     interface: String,
-    config: Mutex<DeviceConfig>,
-    settings: std::sync::Mutex<Settings>,
+    tun_index: u32,
+    mtu: u32,
+    netlink: Netlink,
+    inner: Mutex<Inner>,
     state: StateDir,
     dataplane: Dataplane,
-    table: SharedTable,
+    routes: SharedRoutes,
     counters: Arc<DropCounters>,
 }
 
+fn b64(key: &[u8; 32]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(key)
+}
+
+fn parse_key(text: &str) -> Result<Key, String> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .map_err(|_| format!("{text:?} is not a base64 WireGuard key (as `wg pubkey` prints)"))?;
+    let key: [u8; 32] = bytes
+        .try_into()
+        .map_err(|_| format!("{text:?} is not a 32-byte WireGuard key"))?;
+    Ok(Key(key))
+}
+
+/// The networks this node's tunnel addresses live in.
+fn tunnel_networks(settings: &Settings) -> Vec<IpNet> {
+    settings.addresses.iter().map(IpNet::trunc).collect()
+}
+
+fn local_v4(settings: &Settings) -> Option<Ipv4Addr> {
+    settings.addresses.iter().find_map(|a| match a {
+        IpNet::V4(v4) => Some(v4.addr()),
+        IpNet::V6(_) => None,
+    })
+}
+
+/// The forwarding scope: packets from peers may go only here.
+fn forward_table(settings: &Settings) -> RouteTable<()> {
+    RouteTable::build(
+        tunnel_networks(settings)
+            .into_iter()
+            .chain(settings.advertised_routes.iter().copied())
+            .map(|net| (net, ())),
+    )
+}
+
+fn mss_change(settings: &Settings, mtu: u32) -> Change {
+    if settings.mss_clamp {
+        let (v4, v6) = mss_for_mtu(u16::try_from(mtu).unwrap_or(u16::MAX));
+        Change::SetMssClamp(v4, v6)
+    } else {
+        Change::SetMssClamp(0, 0)
+    }
+}
+
+fn nat_state(interface: &str, settings: &Settings) -> NatState {
+    NatState {
+        interface: interface.to_string(),
+        enabled: settings.snat,
+        ranges: settings.advertised_routes.clone(),
+    }
+}
+
+fn stored_peers(config: &DeviceConfig) -> Vec<StoredPeer> {
+    config
+        .peers
+        .iter()
+        .map(|p| StoredPeer {
+            name: p.name.clone(),
+            public_key: b64(&p.public_key.0),
+            private_key: p.client_private_key.as_ref().map(|k| b64(&k.0)),
+            preshared_key: p.preshared_key.as_ref().map(|k| b64(&k.0)),
+            endpoint: p.endpoint,
+            persistent_keepalive: p.persistent_keepalive,
+            allowed_ips: p.allowed_ips.clone(),
+            accept_routes: p.accept_routes,
+            accept_default_route: p.accept_default_route,
+        })
+        .collect()
+}
+
+/// Rebuilds the peers saved on disk into a configuration.
+fn restore_peers(
+    config: &mut DeviceConfig,
+    stored: &[StoredPeer],
+    path: &Path,
+) -> anyhow::Result<()> {
+    let corrupt = |what: String| {
+        anyhow::anyhow!(
+            "{} is corrupt ({what}). Restore it from a backup, or move it aside to start with no peers",
+            path.display()
+        )
+    };
+    for s in stored {
+        let public_key = parse_key(&s.public_key).map_err(corrupt)?;
+        let client_private_key = s
+            .private_key
+            .as_deref()
+            .map(parse_key)
+            .transpose()
+            .map_err(corrupt)?;
+        let preshared_key = s
+            .preshared_key
+            .as_deref()
+            .map(parse_key)
+            .transpose()
+            .map_err(corrupt)?;
+        let peer = config
+            .push_peer(public_key)
+            .map_err(|e| corrupt(format!("too many peers: {e}")))?;
+        peer.name = s.name.clone();
+        peer.client_private_key = client_private_key;
+        peer.preshared_key = preshared_key;
+        peer.endpoint = s.endpoint;
+        peer.stats.set_endpoint(s.endpoint);
+        peer.persistent_keepalive = s.persistent_keepalive;
+        peer.allowed_ips = s.allowed_ips.iter().map(IpNet::trunc).collect();
+        peer.accept_routes = s.accept_routes;
+        peer.accept_default_route = s.accept_default_route;
+    }
+    Ok(())
+}
+
+fn forwarding_warnings(settings: &Settings) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let read = |path: &str| std::fs::read_to_string(path).map(|s| s.trim() == "1").ok();
+    let wants = |v4: bool| {
+        settings
+            .advertised_routes
+            .iter()
+            .any(|r| r.addr().is_ipv4() == v4)
+    };
+    if wants(true) && read("/proc/sys/net/ipv4/ip_forward") == Some(false) {
+        warnings.push(
+            "IPv4 forwarding is off, so advertised IPv4 ranges are unreachable: \
+             sysctl -w net.ipv4.ip_forward=1 (and persist it in /etc/sysctl.d)"
+                .to_string(),
+        );
+    }
+    if wants(false) && read("/proc/sys/net/ipv6/conf/all/forwarding") == Some(false) {
+        warnings.push(
+            "IPv6 forwarding is off, so advertised IPv6 ranges are unreachable: \
+             sysctl -w net.ipv6.conf.all.forwarding=1 (and persist it in /etc/sysctl.d)"
+                .to_string(),
+        );
+    }
+    warnings
+}
+
 impl Daemon {
+    async fn publish(&self, inner: &Inner, peers: Option<RouteTable<PeerHandle>>) {
+        let current = self.routes.load();
+        let peers = match peers {
+            Some(table) => Arc::new(table),
+            None => current.peers.clone(),
+        };
+        self.routes.store(Arc::new(Routes {
+            peers,
+            forward: Arc::new(forward_table(&inner.settings)),
+        }));
+    }
+
+    /// Runs a plan against the data path in the order described in
+    /// ARCHITECTURE.md: adds, table, removals.
+    async fn execute(&self, inner: &Inner, plan: Plan, peer_count: usize) {
+        if let Some(fwmark) = plan.fwmark {
+            self.dataplane.send(Command::SetFwmark(fwmark));
+        }
+        self.dataplane.apply(plan.before_table).await;
+        if let Some(table) = plan.table {
+            tracing::info!(
+                prefixes = table.len(),
+                peers = peer_count,
+                "routing table updated"
+            );
+            self.publish(inner, Some(table)).await;
+        }
+        self.dataplane.apply(plan.after_table).await;
+    }
+
+    fn save_peers(&self, config: &DeviceConfig) -> Result<(), String> {
+        self.state.save_peers(&stored_peers(config)).map_err(|e| {
+            tracing::error!("{e}");
+            e.to_string()
+        })
+    }
+
     pub async fn uapi_get(&self, out: &mut String) {
-        let view = self.config.lock().await.view();
+        let view = self.inner.lock().await.config.view();
         crate::uapi::proto::format_get(&view, out);
     }
 
     /// Applies a `set`; on error nothing has changed. Returns a positive errno.
     pub async fn uapi_set(&self, request: SetRequest) -> Result<(), i32> {
-        let mut config = self.config.lock().await;
-        let (mut next, plan) = config.apply(request).map_err(|e| e as i32)?;
+        let touches_peers =
+            request.replace_peers || !request.peers.is_empty() || request.private_key.is_some();
+        let mut inner = self.inner.lock().await;
+        let (mut next, plan) = inner.config.apply(request).map_err(|e| e as i32)?;
 
         let sockets = match plan.listen_port {
             Some(port) => {
@@ -83,83 +282,467 @@ impl Daemon {
                 })?;
             }
         }
+        if touches_peers {
+            self.save_peers(&next).map_err(|_| libc::EIO)?;
+        }
         if let Some(sockets) = &sockets {
-            let mut settings = self.lock_settings().clone();
+            let mut settings = inner.settings.clone();
             settings.listen_port = sockets.port;
             self.state.save_settings(&settings).map_err(|e| {
                 tracing::error!("{e}");
                 libc::EIO
             })?;
-            *self.lock_settings() = settings;
+            inner.settings = settings;
         }
 
         if let Some(sockets) = sockets {
             tracing::info!(port = sockets.port, "listen port changed");
             self.dataplane.send(Command::Sockets(sockets));
         }
-        if let Some(fwmark) = plan.fwmark {
-            self.dataplane.send(Command::SetFwmark(fwmark));
-        }
         if plan.private_key_changed {
             tracing::info!("private key changed");
         }
-        self.dataplane.apply(plan.before_table).await;
-        if let Some(table) = plan.table {
-            tracing::info!(
-                prefixes = table.len(),
-                peers = next.peers.len(),
-                "routing table updated"
-            );
-            self.table.store(Arc::new(table));
-        }
-        self.dataplane.apply(plan.after_table).await;
-        *config = next;
+        let peer_count = next.peers.len();
+        self.execute(&inner, plan, peer_count).await;
+        inner.config = next;
         Ok(())
     }
 
-    fn lock_settings(&self) -> std::sync::MutexGuard<'_, Settings> {
-        self.settings.lock().unwrap_or_else(|e| e.into_inner())
+    pub async fn control(&self, request: Request) -> Response {
+        let result = match request {
+            Request::Status => Ok(Response::Status(self.status().await)),
+            Request::GetAdvertisedRoutes => {
+                let inner = self.inner.lock().await;
+                Ok(Response::Routes {
+                    routes: inner
+                        .settings
+                        .advertised_routes
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect(),
+                    warnings: forwarding_warnings(&inner.settings),
+                })
+            }
+            Request::AdvertiseRoutes { routes, exit_node } => {
+                self.advertise(routes, exit_node).await
+            }
+            Request::Set(options) => self.set(options).await,
+            Request::PeerAdd(add) => self.peer_add(add).await,
+            Request::PeerRemove { name } => self.peer_remove(&name).await,
+            Request::PeerList => {
+                let inner = self.inner.lock().await;
+                Ok(Response::Peers {
+                    peers: inner.config.peers.iter().map(peer_status).collect(),
+                })
+            }
+            Request::PeerConfig { name } => {
+                let inner = self.inner.lock().await;
+                match inner.config.peer_by_name(&name) {
+                    Some(peer) => self
+                        .client_config(&inner, peer)
+                        .map(|config| Response::PeerConfig { config }),
+                    None => Err(format!("no peer named {name:?}; see `vpcgate peer list`")),
+                }
+            }
+        };
+        result.unwrap_or_else(|message| Response::Error { message })
     }
 
-    pub async fn control(&self, request: Request) -> Response {
-        match request {
-            Request::Status => Response::Status(self.status().await),
+    async fn advertise(&self, input: Vec<String>, exit_node: bool) -> Result<Response, String> {
+        let mut inner = self.inner.lock().await;
+        let input = subnet::split_list(&input);
+        let routes =
+            subnet::validate_advertised(&input, &tunnel_networks(&inner.settings), exit_node)?;
+        let mut settings = inner.settings.clone();
+        settings.advertised_routes = routes.clone();
+        settings.exit_node = exit_node;
+        self.commit_settings(&mut inner, settings).await?;
+        let listed: Vec<String> = routes.iter().map(ToString::to_string).collect();
+        tracing::info!(routes = %listed.join(","), "advertised routes changed");
+        Ok(Response::Routes {
+            routes: listed,
+            warnings: forwarding_warnings(&inner.settings),
+        })
+    }
+
+    async fn set(&self, options: SetOptions) -> Result<Response, String> {
+        let mut inner = self.inner.lock().await;
+        let mut settings = inner.settings.clone();
+        if let Some(endpoint) = &options.public_endpoint {
+            subnet::validate_endpoint(endpoint)?;
+            settings.public_endpoint = Some(endpoint.clone());
         }
+        if let Some(snat) = options.snat {
+            settings.snat = snat;
+        }
+        if let Some(mss) = options.mss_clamp {
+            settings.mss_clamp = mss;
+        }
+        self.commit_settings(&mut inner, settings).await?;
+        let s = &inner.settings;
+        tracing::info!(snat = s.snat, mss_clamp = s.mss_clamp, public_endpoint = ?s.public_endpoint, "settings applied");
+        Ok(Response::Done {
+            message: format!(
+                "snat {}, mss-clamp {}, public endpoint {}",
+                if s.snat { "on" } else { "off" },
+                if s.mss_clamp { "on" } else { "off" },
+                s.public_endpoint.as_deref().unwrap_or("(not set)")
+            ),
+        })
+    }
+
+    /// Applies new settings: nftables first (it can refuse), then disk, then
+    /// the data path. A failure leaves everything as it was.
+    async fn commit_settings(&self, inner: &mut Inner, settings: Settings) -> Result<(), String> {
+        let nat_changed =
+            nat_state(&self.interface, &settings) != nat_state(&self.interface, &inner.settings);
+        if nat_changed {
+            inner
+                .nat
+                .apply(&nat_state(&self.interface, &settings))
+                .map_err(|e| format!("cannot apply the SNAT rules: {e}; nothing was changed"))?;
+        }
+        if let Err(e) = self.state.save_settings(&settings) {
+            if nat_changed {
+                let _ = inner
+                    .nat
+                    .apply(&nat_state(&self.interface, &inner.settings));
+            }
+            return Err(format!("{e}; nothing was changed"));
+        }
+        if nat_changed {
+            inner.nat_error = None;
+        }
+        let advertised_changed = settings.advertised_routes != inner.settings.advertised_routes;
+        let mss_changed = settings.mss_clamp != inner.settings.mss_clamp;
+        inner.settings = settings;
+        let mut changes = Vec::new();
+        if advertised_changed {
+            changes.push(Change::SetAdvertised(
+                inner.settings.advertised_routes.clone(),
+            ));
+        }
+        if mss_changed {
+            changes.push(mss_change(&inner.settings, self.mtu));
+        }
+        self.dataplane.apply(changes).await;
+        if advertised_changed {
+            self.publish(inner, None).await;
+        }
+        Ok(())
+    }
+
+    async fn peer_add(&self, add: vpcgate_proto::PeerAdd) -> Result<Response, String> {
+        subnet::validate_name(&add.name)?;
+        let mut inner = self.inner.lock().await;
+        if inner.config.peer_by_name(&add.name).is_some() {
+            return Err(format!(
+                "a peer named {:?} already exists; remove it first (`vpcgate peer remove {}`)",
+                add.name, add.name
+            ));
+        }
+        let generate = add.public_key.is_none();
+        if generate && inner.settings.public_endpoint.is_none() {
+            return Err("set the address clients connect to first: \
+                        vpcgate set --public-endpoint HOST:PORT"
+                .to_string());
+        }
+        let client_private_key = generate.then(crate::state::generate_key);
+        let public_key = match (&add.public_key, &client_private_key) {
+            (Some(text), _) => parse_key(text)?,
+            (None, Some(private)) => Key(crate::config::public_key_of(private)),
+            (None, None) => return Err("no key".to_string()),
+        };
+        if Some(public_key.0) == inner.config.public_key() {
+            return Err("that is this node's own public key".to_string());
+        }
+        if let Some(other) = inner
+            .config
+            .peers
+            .iter()
+            .find(|p| p.public_key == public_key)
+        {
+            return Err(format!(
+                "a peer with that key already exists{}",
+                other
+                    .name
+                    .as_ref()
+                    .map(|n| format!(" ({n})"))
+                    .unwrap_or_default()
+            ));
+        }
+        let endpoint = match &add.endpoint {
+            Some(text) => {
+                subnet::validate_endpoint(text)?;
+                let mut resolved = tokio::net::lookup_host(text.as_str())
+                    .await
+                    .map_err(|e| format!("cannot resolve {text}: {e}"))?;
+                Some(
+                    resolved
+                        .next()
+                        .ok_or_else(|| format!("{text} resolves to no address"))?,
+                )
+            }
+            None => None,
+        };
+        let mut allowed_ips = Vec::new();
+        for text in subnet::split_list(&add.allowed_ips) {
+            allowed_ips.push(subnet::parse_prefix(&text)?);
+        }
+        if allowed_ips.is_empty() {
+            let used: Vec<IpNet> = inner
+                .config
+                .peers
+                .iter()
+                .flat_map(|p| p.allowed_ips.iter().copied())
+                .chain(
+                    inner
+                        .settings
+                        .addresses
+                        .iter()
+                        .map(|a| IpNet::from(a.addr())),
+                )
+                .collect();
+            for network in tunnel_networks(&inner.settings) {
+                let address = subnet::next_free_address(&network, &used).ok_or_else(|| {
+                    format!("no free address left in the tunnel network {network}")
+                })?;
+                allowed_ips.push(address);
+            }
+        }
+        for net in &allowed_ips {
+            if let Some(owner) = inner
+                .config
+                .peers
+                .iter()
+                .find(|p| p.allowed_ips.contains(net))
+            {
+                return Err(format!(
+                    "{net} already belongs to peer {}",
+                    owner
+                        .name
+                        .clone()
+                        .unwrap_or_else(|| b64(&owner.public_key.0))
+                ));
+            }
+        }
+
+        let (next, plan) = inner.config.transform(|next, _| {
+            let peer = next
+                .push_peer(public_key.clone())
+                .map_err(|e| format!("cannot add a peer: {e}"))?;
+            peer.name = Some(add.name.clone());
+            peer.client_private_key = client_private_key.clone();
+            peer.allowed_ips = allowed_ips.clone();
+            peer.endpoint = endpoint;
+            peer.stats.set_endpoint(endpoint);
+            peer.persistent_keepalive = add.keepalive.unwrap_or(0);
+            peer.accept_routes = add.accept_routes;
+            peer.accept_default_route = add.accept_default_route;
+            Ok::<_, String>(())
+        })?;
+        self.save_peers(&next)?;
+        let peer_count = next.peers.len();
+        self.execute(&inner, plan, peer_count).await;
+        inner.config = next;
+        tracing::info!(peer = %add.name, allowed_ips = ?allowed_ips, "peer added");
+        let config = match inner.config.peer_by_name(&add.name) {
+            Some(peer) if generate => Some(self.client_config(&inner, peer)?),
+            _ => None,
+        };
+        Ok(Response::PeerAdded {
+            name: add.name,
+            allowed_ips: allowed_ips.iter().map(ToString::to_string).collect(),
+            config,
+        })
+    }
+
+    async fn peer_remove(&self, name: &str) -> Result<Response, String> {
+        let mut inner = self.inner.lock().await;
+        let handle = inner
+            .config
+            .peer_by_name(name)
+            .map(|p| p.handle)
+            .ok_or_else(|| format!("no peer named {name:?}; see `vpcgate peer list`"))?;
+        let learned = inner
+            .config
+            .peers
+            .iter()
+            .find(|p| p.handle == handle)
+            .map(|p| p.learned.clone());
+        let (next, plan) = inner.config.transform(|next, _| {
+            next.peers.retain(|p| p.handle != handle);
+            Ok::<_, String>(())
+        })?;
+        self.save_peers(&next)?;
+        let peer_count = next.peers.len();
+        self.execute(&inner, plan, peer_count).await;
+        inner.config = next;
+        for net in learned.unwrap_or_default() {
+            let _ = self.netlink.del_route(self.tun_index, net).await;
+        }
+        tracing::info!(peer = %name, "peer removed");
+        Ok(Response::Done {
+            message: format!("removed peer {name}"),
+        })
+    }
+
+    fn client_config(&self, inner: &Inner, peer: &PeerConfig) -> Result<String, String> {
+        let name = peer.name.as_deref().unwrap_or("this peer");
+        let private = peer.client_private_key.as_ref().ok_or_else(|| {
+            format!("{name} brought its own key, so its config lives with it; only peers added without --public-key have one here")
+        })?;
+        let endpoint = inner.settings.public_endpoint.as_deref().ok_or_else(|| {
+            "set the address clients connect to first: vpcgate set --public-endpoint HOST:PORT"
+                .to_string()
+        })?;
+        let gateway = inner
+            .config
+            .public_key()
+            .ok_or("this node has no private key")?;
+        let allowed: Vec<IpNet> = tunnel_networks(&inner.settings)
+            .into_iter()
+            .chain(inner.settings.advertised_routes.iter().copied())
+            .collect();
+        let private = zeroize::Zeroizing::new(b64(&private.0));
+        Ok(ClientConfig {
+            private_key: &private,
+            addresses: &peer.allowed_ips,
+            mtu: self.mtu,
+            gateway_public_key: &b64(&gateway),
+            endpoint,
+            allowed_ips: &allowed,
+        }
+        .render())
+    }
+
+    /// A trusted peer advertised routes: filter, install, and route them.
+    async fn learn_routes(&self, handle: PeerHandle, offered: Vec<IpNet>) {
+        let mut inner = self.inner.lock().await;
+        let Some(peer) = inner.config.peers.iter().find(|p| p.handle == handle) else {
+            return;
+        };
+        if !peer.accept_routes {
+            return;
+        }
+        let local = match self.netlink.local_networks(self.tun_index).await {
+            Ok(local) => local,
+            Err(e) => {
+                tracing::warn!("cannot list local networks, ignoring learned routes: {e}");
+                return;
+            }
+        };
+        let taken: HashSet<IpNet> = inner
+            .config
+            .peers
+            .iter()
+            .filter(|p| p.handle != handle)
+            .flat_map(|p| p.allowed_ips.iter().copied())
+            .collect();
+        let tunnel = tunnel_networks(&inner.settings);
+        let policy = LearnPolicy {
+            accept_default_route: peer.accept_default_route,
+            tunnel: &tunnel,
+            local: &local,
+            taken: &taken,
+        };
+        let (accepted, refused) = policy.filter(&offered);
+        let name = peer.name.clone().unwrap_or_else(|| b64(&peer.public_key.0));
+        for reason in &refused {
+            tracing::warn!(peer = %name, "not accepting route {reason}");
+        }
+        let previous = peer.learned.clone();
+        if accepted == previous {
+            return;
+        }
+        let Ok((next, plan)) = inner.config.transform(|next, _| {
+            if let Some(p) = next.peer_by_handle_mut(handle) {
+                p.learned = accepted.clone();
+            }
+            Ok::<_, Errno>(())
+        }) else {
+            return;
+        };
+        let peer_count = next.peers.len();
+        // Routes point into the tunnel only once the data path can carry them.
+        self.execute(&inner, plan, peer_count).await;
+        inner.config = next;
+        for net in accepted.iter().filter(|n| !previous.contains(n)) {
+            if let Err(e) = self.netlink.add_route(self.tun_index, *net).await {
+                tracing::warn!(route = %net, "cannot install learned route: {e}");
+            }
+        }
+        for net in previous.iter().filter(|n| !accepted.contains(n)) {
+            if let Err(e) = self.netlink.del_route(self.tun_index, *net).await {
+                tracing::debug!(route = %net, "cannot remove learned route: {e}");
+            }
+        }
+        let listed: Vec<String> = accepted.iter().map(ToString::to_string).collect();
+        tracing::info!(peer = %name, routes = %listed.join(","), "accepted routes changed");
     }
 
     async fn status(&self) -> Status {
-        use base64::Engine;
-        let b64 = |k: &[u8; 32]| base64::engine::general_purpose::STANDARD.encode(k);
-        let config = self.config.lock().await;
-        let view = config.view();
-        let settings = self.lock_settings().clone();
+        let inner = self.inner.lock().await;
+        let settings = &inner.settings;
+        let mut warnings = forwarding_warnings(settings);
+        if let Some(e) = &inner.nat_error {
+            warnings.push(format!("SNAT is not in effect: {e}"));
+        }
         Status {
             interface: self.interface.clone(),
-            public_key: config.public_key().map(|k| b64(&k)).unwrap_or_default(),
-            listen_port: config.listen_port,
-            address: settings.address.to_string(),
-            peers: view
+            public_key: inner
+                .config
+                .public_key()
+                .map(|k| b64(&k))
+                .unwrap_or_default(),
+            listen_port: inner.config.listen_port,
+            address: settings
+                .addresses
+                .iter()
+                .find(|a| a.addr().is_ipv4())
+                .or(settings.addresses.first())
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            addresses: settings.addresses.iter().map(ToString::to_string).collect(),
+            public_endpoint: settings.public_endpoint.clone(),
+            advertised_routes: settings
+                .advertised_routes
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            accepted_routes: inner
+                .config
                 .peers
                 .iter()
-                .map(|p| PeerStatus {
-                    public_key: b64(&p.public_key.0),
-                    endpoint: p.endpoint.map(|e| e.to_string()),
-                    allowed_ips: p.allowed_ips.iter().map(ToString::to_string).collect(),
-                    latest_handshake: p.last_handshake.and_then(|t| {
-                        t.duration_since(std::time::UNIX_EPOCH)
-                            .ok()
-                            .map(|d| d.as_secs())
-                    }),
-                    rx_bytes: p.rx_bytes,
-                    tx_bytes: p.tx_bytes,
-                    persistent_keepalive: Some(p.persistent_keepalive).filter(|&k| k > 0),
-                })
+                .flat_map(|p| p.learned.iter().map(ToString::to_string))
                 .collect(),
+            snat: settings.snat,
+            mss_clamp: settings.mss_clamp,
+            warnings,
+            peers: inner.config.peers.iter().map(peer_status).collect(),
             drops: DropReason::ALL
                 .iter()
                 .map(|r| (r.as_str().to_string(), self.counters.get(*r)))
                 .collect(),
         }
+    }
+}
+
+fn peer_status(p: &PeerConfig) -> PeerStatus {
+    PeerStatus {
+        name: p.name.clone(),
+        public_key: b64(&p.public_key.0),
+        endpoint: p.stats.endpoint().or(p.endpoint).map(|e| e.to_string()),
+        allowed_ips: p.effective_allowed_ips().map(ToString::to_string).collect(),
+        latest_handshake: p.stats.last_handshake().and_then(|t| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .ok()
+                .map(|d| d.as_secs())
+        }),
+        rx_bytes: p.stats.rx_bytes(),
+        tx_bytes: p.stats.tx_bytes(),
+        persistent_keepalive: Some(p.persistent_keepalive).filter(|&k| k > 0),
+        accept_routes: p.accept_routes,
     }
 }
 
@@ -242,6 +825,27 @@ fn create_tun(name: &str) -> anyhow::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// At most one address per family, as `--address` documents.
+pub fn validate_addresses(addresses: &[IpNet]) -> Result<(), String> {
+    let v4 = addresses.iter().filter(|a| a.addr().is_ipv4()).count();
+    let v6 = addresses.len() - v4;
+    if addresses.is_empty() || v4 > 1 || v6 > 1 {
+        return Err(
+            "give one IPv4 and/or one IPv6 tunnel address, e.g. 100.64.0.1/24,fd00:64::1/64".into(),
+        );
+    }
+    if let Some(a) = addresses
+        .iter()
+        .find(|a| a.addr() == a.network() && a.prefix_len() < a.max_prefix_len())
+    {
+        return Err(format!(
+            "{a} is a network address; give this node's own address in it, e.g. {}",
+            a.hosts().next().map(|h| h.to_string()).unwrap_or_default()
+        ));
+    }
+    Ok(())
+}
+
 pub async fn run(options: Options) -> anyhow::Result<()> {
     let state = StateDir::open(&options.state_dir)?;
     let (private_key, generated) = state.load_or_create_key()?;
@@ -249,16 +853,24 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         tracing::info!(path = %state.path("private.key").display(), "generated a new private key");
     }
     let saved = state.load_settings()?;
-    let settings = Settings {
-        address: options
-            .address
-            .or(saved.as_ref().map(|s| s.address))
-            .unwrap_or_else(|| DEFAULT_ADDRESS.parse().unwrap_or_else(|_| unreachable!())),
-        listen_port: options
-            .listen_port
-            .or(saved.as_ref().map(|s| s.listen_port))
-            .unwrap_or(DEFAULT_PORT),
-    };
+    let default_address: IpNet = DEFAULT_ADDRESS.parse().context("default address")?;
+    let mut settings = saved.unwrap_or_else(|| Settings::new(vec![default_address], DEFAULT_PORT));
+    if let Some(addresses) = &options.addresses {
+        settings.addresses = addresses.clone();
+    }
+    if let Some(port) = options.listen_port {
+        settings.listen_port = port;
+    }
+    validate_addresses(&settings.addresses).map_err(anyhow::Error::msg)?;
+    let tunnel = tunnel_networks(&settings);
+    if let Some(clash) = settings
+        .advertised_routes
+        .iter()
+        .find(|r| tunnel.iter().any(|t| subnet::overlaps(t, r)))
+    {
+        bail!("the advertised route {clash} overlaps the tunnel network; pick another --address or change the advertised routes");
+    }
+    let stored_peers = state.load_peers()?;
 
     let uapi_path = crate::uapi::socket_path(&options.interface);
     // Claim both sockets before touching the network, so a second instance
@@ -270,9 +882,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
 
     let tun = create_tun(&options.interface)?;
     let netlink = Netlink::connect().context("cannot open netlink")?;
-    let index = netlink.link_index(&options.interface).await?;
+    let tun_index = netlink.link_index(&options.interface).await?;
     netlink
-        .configure(index, settings.address, options.mtu)
+        .configure_all(tun_index, &settings.addresses, options.mtu)
         .await
         .with_context(|| format!("cannot configure {}", options.interface))?;
 
@@ -281,29 +893,81 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     state.save_settings(&settings)?;
     let port = sockets.port;
 
-    let config = DeviceConfig::new(Some(private_key), port);
-    let table: SharedTable = Arc::new(ArcSwap::from_pointee(RouteTable::empty()));
+    let mut config = DeviceConfig::new(Some(private_key), port);
+    restore_peers(&mut config, &stored_peers, &state.path("peers.json"))?;
+    let routes: SharedRoutes = Arc::new(ArcSwap::from_pointee(Routes::default()));
     let counters = Arc::new(DropCounters::default());
     let (exit_tx, mut exit_rx) = tokio::sync::oneshot::channel();
-    let dataplane = Dataplane::spawn(tun, sockets, table.clone(), counters.clone(), exit_tx)?;
-    let plan = config.initial_plan();
-    dataplane.apply(plan.before_table).await;
+    let (events_tx, mut events_rx) = tokio::sync::mpsc::unbounded_channel();
+    let dataplane = Dataplane::spawn(
+        tun,
+        sockets,
+        routes.clone(),
+        counters.clone(),
+        events_tx,
+        exit_tx,
+    )?;
 
+    let mut nat: Box<dyn Nat> = Box::new(NftNat::new());
+    let nat_error = match nat.apply(&nat_state(&options.interface, &settings)) {
+        Ok(()) => None,
+        Err(e) => {
+            tracing::error!("SNAT is not in effect: {e}");
+            Some(e.to_string())
+        }
+    };
+    for warning in forwarding_warnings(&settings) {
+        tracing::warn!("{warning}");
+    }
+
+    let mut plan = config.initial_plan();
+    plan.before_table.extend([
+        Change::SetLocalAddress(local_v4(&settings)),
+        Change::SetAdvertised(settings.advertised_routes.clone()),
+        mss_change(&settings, options.mtu),
+    ]);
+    let peer_count = config.peers.len();
     let daemon = Arc::new(Daemon {
         interface: options.interface.clone(),
-        config: Mutex::new(config),
-        settings: std::sync::Mutex::new(settings.clone()),
+        tun_index,
+        mtu: options.mtu,
+        netlink,
+        inner: Mutex::new(Inner {
+            config: DeviceConfig::new(None, port),
+            settings: settings.clone(),
+            nat,
+            nat_error,
+        }),
         state,
         dataplane,
-        table,
+        routes,
         counters,
     });
+    {
+        let mut inner = daemon.inner.lock().await;
+        daemon.execute(&inner, plan, peer_count).await;
+        inner.config = config;
+    }
+
     let uapi_task = tokio::spawn(crate::uapi::serve(uapi_listener, daemon.clone()));
     let control_task = tokio::spawn(crate::control::serve(control_listener, daemon.clone()));
+    let events_task = tokio::spawn({
+        let daemon = daemon.clone();
+        async move {
+            while let Some(event) = events_rx.recv().await {
+                match event {
+                    Event::RoutesLearned { peer, routes } => {
+                        daemon.learn_routes(peer, routes).await
+                    }
+                }
+            }
+        }
+    });
     tracing::info!(
         interface = %options.interface,
-        address = %settings.address,
+        addresses = ?settings.addresses,
         port,
+        peers = peer_count,
         public_key = %daemon.status().await.public_key,
         "vpcgated is up"
     );
@@ -318,14 +982,57 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             _ => Err(anyhow::anyhow!("the data path stopped unexpectedly")),
         },
     };
-    uapi_task.abort();
-    control_task.abort();
-    let _ = uapi_task.await;
-    let _ = control_task.await;
+    for task in [uapi_task, control_task, events_task] {
+        task.abort();
+        let _ = task.await;
+    }
+    if let Err(e) = daemon.inner.lock().await.nat.remove() {
+        tracing::warn!("cannot remove the SNAT table: {e}");
+    }
     match Arc::try_unwrap(daemon) {
-        // Closing the TUN's only descriptor removes the interface.
+        // Closing the TUN's only descriptor removes the interface and the
+        // routes through it.
         Ok(daemon) => daemon.dataplane.shutdown(),
         Err(_) => tracing::warn!("control tasks still hold the daemon; exiting anyway"),
     }
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_one_per_family() {
+        let nets = |list: &[&str]| {
+            list.iter()
+                .map(|s| s.parse().expect("cidr"))
+                .collect::<Vec<IpNet>>()
+        };
+        assert!(validate_addresses(&nets(&["100.64.0.1/24"])).is_ok());
+        assert!(validate_addresses(&nets(&["100.64.0.1/24", "fd00:64::1/64"])).is_ok());
+        assert!(validate_addresses(&nets(&[])).is_err());
+        assert!(validate_addresses(&nets(&["100.64.0.1/24", "100.64.1.1/24"])).is_err());
+        let err = validate_addresses(&nets(&["100.64.0.0/24"])).expect_err("network address");
+        assert!(err.contains("100.64.0.1"), "{err}");
+    }
+
+    #[test]
+    fn forward_scope_is_tunnel_plus_advertised() {
+        let mut settings = Settings::new(vec!["100.64.0.1/24".parse().expect("cidr")], 51820);
+        settings.advertised_routes = vec!["198.18.64.0/20".parse().expect("cidr")];
+        let table = forward_table(&settings);
+        for (addr, inside) in [
+            ("100.64.0.9", true),
+            ("198.18.70.1", true),
+            ("169.254.169.254", false),
+            ("198.19.101.10", false),
+        ] {
+            assert_eq!(
+                table.lookup(addr.parse().expect("ip")).is_some(),
+                inside,
+                "{addr}"
+            );
+        }
+    }
 }

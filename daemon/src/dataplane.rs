@@ -23,7 +23,7 @@ use nix::sys::socket::{
     SockFlag, SockType, SockaddrIn, SockaddrIn6, SockaddrStorage,
 };
 
-use crate::core::{Change, DropCounters, Node, SharedTable, Transmit, BUF_SIZE};
+use crate::core::{Change, DropCounters, Event, Node, SharedRoutes, Transmit, BUF_SIZE};
 
 /// Packets taken from one source before the loop looks at the others. Large
 /// enough to amortise the poll call, small enough to keep latency fair.
@@ -143,8 +143,9 @@ impl Dataplane {
     pub fn spawn(
         tun: OwnedFd,
         sockets: UdpSockets,
-        table: SharedTable,
+        routes: SharedRoutes,
         counters: Arc<DropCounters>,
+        events: tokio::sync::mpsc::UnboundedSender<Event>,
         on_exit: tokio::sync::oneshot::Sender<io::Result<()>>,
     ) -> io::Result<Dataplane> {
         nix::fcntl::fcntl(
@@ -162,7 +163,7 @@ impl Dataplane {
                 let wake = wake.clone();
                 let heartbeat = heartbeat.clone();
                 move || {
-                    let node = Node::new(table, counters, Instant::now());
+                    let node = Node::new(routes, counters, Instant::now());
                     let mut worker = Worker {
                         node,
                         tun,
@@ -170,6 +171,7 @@ impl Dataplane {
                         inbox,
                         wake,
                         heartbeat,
+                        events,
                     };
                     let result = worker.run();
                     if let Err(e) = &result {
@@ -222,6 +224,9 @@ struct Worker {
     inbox: mpsc::Receiver<Command>,
     wake: Arc<EventFd>,
     heartbeat: Arc<AtomicU64>,
+    /// Events are rare (a trusted peer's route set changed), so an unbounded
+    /// channel costs nothing on the data path.
+    events: tokio::sync::mpsc::UnboundedSender<Event>,
 }
 
 /// The real sockets, as the core's output sink.
@@ -316,7 +321,7 @@ impl Worker {
                         Ok(0) => return Err(io::Error::other("the TUN device went away")),
                         Ok(n) => self
                             .node
-                            .handle_tun_packet(&rx[..n], &mut buf, now, &mut io),
+                            .handle_tun_packet(&mut rx[..n], &mut buf, now, &mut io),
                         Err(Errno::EAGAIN | Errno::EINTR) => break,
                         Err(Errno::EBADFD | Errno::ENODEV) => {
                             return Err(io::Error::other("the TUN device went away"))
@@ -352,6 +357,9 @@ impl Worker {
             }
             self.node
                 .handle_timers(Instant::now(), SystemTime::now(), &mut buf, &mut io);
+            for event in self.node.drain_events() {
+                let _ = self.events.send(event);
+            }
         }
     }
 

@@ -1,7 +1,7 @@
 //! vpcgated: a userspace WireGuard subnet router.
 //!
-//! The crate is a core that does no I/O ([`core`], [`config`]) inside a thin
-//! I/O shell ([`dataplane`], [`netlink`], [`uapi`], [`control`], [`state`]),
+//! The crate is a core that does no I/O ([`core`], [`config`], [`subnet`]) inside a thin
+//! I/O shell ([`dataplane`], [`netlink`], [`nat`], [`uapi`], [`control`], [`state`]),
 //! started and stopped by [`daemon`]. ARCHITECTURE.md at the repository root
 //! has the diagram and the thread map.
 
@@ -10,6 +10,8 @@ pub mod control;
 pub mod core;
 pub mod daemon;
 pub mod dataplane;
+pub mod nat;
 pub mod netlink;
 pub mod state;
+pub mod subnet;
 pub mod uapi;

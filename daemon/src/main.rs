@@ -25,9 +25,10 @@ struct Args {
     /// UDP listen port [default: the saved one, else 51820]; 0 picks a free port.
     #[arg(long)]
     listen_port: Option<u16>,
-    /// Tunnel address of this node, as CIDR [default: the saved one, else 100.64.0.1/24].
-    #[arg(long)]
-    address: Option<IpNet>,
+    /// Tunnel address(es) of this node, as CIDR: one IPv4 and/or one IPv6,
+    /// comma-separated [default: the saved ones, else 100.64.0.1/24].
+    #[arg(long, value_delimiter = ',')]
+    address: Option<Vec<IpNet>>,
     /// MTU of the TUN interface.
     #[arg(long, default_value_t = daemon::DEFAULT_MTU, value_parser = clap::value_parser!(u32).range(1280..=65535))]
     mtu: u32,
@@ -94,7 +95,7 @@ fn main() -> ExitCode {
         state_dir: args.state_dir,
         socket: args.socket,
         listen_port: args.listen_port,
-        address: args.address,
+        addresses: args.address,
         mtu: args.mtu,
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()

@@ -46,28 +46,6 @@ impl Netlink {
         }
     }
 
-    /// Gives the link exactly this address (replacing any of the same
-    /// family we set before), this MTU, and brings it up.
-    pub async fn configure(
-        &self,
-        index: u32,
-        address: IpNet,
-        mtu: u32,
-    ) -> Result<(), NetlinkError> {
-        self.set_address(index, address).await?;
-        self.handle
-            .link()
-            .set(index)
-            .mtu(mtu)
-            .up()
-            .execute()
-            .await
-            .map_err(|source| NetlinkError::Request {
-                what: "setting the MTU and bringing the link up",
-                source,
-            })
-    }
-
     async fn set_address(&self, index: u32, address: IpNet) -> Result<(), NetlinkError> {
         let mut existing = self
             .handle
@@ -114,5 +92,127 @@ impl Netlink {
                 what: "adding the tunnel address",
                 source,
             })
+    }
+}
+
+/// Learned routes get this metric, above the kernel's connected routes.
+const LEARNED_ROUTE_METRIC: u32 = 100;
+
+impl Netlink {
+    /// Configures every tunnel address (one per family) on the link.
+    pub async fn configure_all(
+        &self,
+        index: u32,
+        addresses: &[IpNet],
+        mtu: u32,
+    ) -> Result<(), NetlinkError> {
+        for address in addresses {
+            self.set_address(index, *address).await?;
+        }
+        self.set_mtu_up(index, mtu).await
+    }
+
+    async fn set_mtu_up(&self, index: u32, mtu: u32) -> Result<(), NetlinkError> {
+        self.handle
+            .link()
+            .set(index)
+            .mtu(mtu)
+            .up()
+            .execute()
+            .await
+            .map_err(|source| NetlinkError::Request {
+                what: "setting the MTU and bringing the link up",
+                source,
+            })
+    }
+
+    fn route_request(&self, index: u32) -> rtnetlink::RouteAddRequest<()> {
+        self.handle
+            .route()
+            .add()
+            .output_interface(index)
+            .priority(LEARNED_ROUTE_METRIC)
+            .protocol(netlink_packet_route::route::RouteProtocol::Static)
+    }
+
+    /// Routes `net` through the link (replacing our own earlier route).
+    pub async fn add_route(&self, index: u32, net: IpNet) -> Result<(), NetlinkError> {
+        let request = self.route_request(index);
+        let result = match net {
+            IpNet::V4(n) => {
+                request
+                    .v4()
+                    .destination_prefix(n.network(), n.prefix_len())
+                    .replace()
+                    .execute()
+                    .await
+            }
+            IpNet::V6(n) => {
+                request
+                    .v6()
+                    .destination_prefix(n.network(), n.prefix_len())
+                    .replace()
+                    .execute()
+                    .await
+            }
+        };
+        result.map_err(|source| NetlinkError::Request {
+            what: "adding a learned route",
+            source,
+        })
+    }
+
+    pub async fn del_route(&self, index: u32, net: IpNet) -> Result<(), NetlinkError> {
+        let request = self.route_request(index);
+        let message = match net {
+            IpNet::V4(n) => request
+                .v4()
+                .destination_prefix(n.network(), n.prefix_len())
+                .message_mut()
+                .clone(),
+            IpNet::V6(n) => request
+                .v6()
+                .destination_prefix(n.network(), n.prefix_len())
+                .message_mut()
+                .clone(),
+        };
+        self.handle
+            .route()
+            .del(message)
+            .execute()
+            .await
+            .map_err(|source| NetlinkError::Request {
+                what: "removing a learned route",
+                source,
+            })
+    }
+
+    /// Networks of the addresses on every link except `exclude`.
+    pub async fn local_networks(&self, exclude: u32) -> Result<Vec<IpNet>, NetlinkError> {
+        use netlink_packet_route::address::AddressAttribute;
+        let mut addresses = self.handle.address().get().execute();
+        let mut networks = Vec::new();
+        while let Some(msg) =
+            addresses
+                .try_next()
+                .await
+                .map_err(|source| NetlinkError::Request {
+                    what: "listing addresses",
+                    source,
+                })?
+        {
+            if msg.header.index == exclude {
+                continue;
+            }
+            let len = msg.header.prefix_len;
+            for attr in &msg.attributes {
+                if let AddressAttribute::Address(ip) = attr {
+                    if let Ok(net) = IpNet::new(*ip, len) {
+                        networks.push(net.trunc());
+                    }
+                }
+            }
+        }
+        Ok(networks)
     }
 }

@@ -20,6 +20,7 @@ use crate::uapi::proto::Key;
 
 const KEY_FILE: &str = "private.key";
 const SETTINGS_FILE: &str = "settings.json";
+const PEERS_FILE: &str = "peers.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -41,8 +42,66 @@ pub enum StateError {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
-    pub address: IpNet,
+    /// This node's tunnel addresses: at most one IPv4 and one IPv6.
+    pub addresses: Vec<IpNet>,
     pub listen_port: u16,
+    #[serde(default)]
+    pub advertised_routes: Vec<IpNet>,
+    /// Whether a default route may be advertised.
+    #[serde(default)]
+    pub exit_node: bool,
+    #[serde(default = "enabled")]
+    pub snat: bool,
+    #[serde(default = "enabled")]
+    pub mss_clamp: bool,
+    /// HOST:PORT that client configs point at.
+    #[serde(default)]
+    pub public_endpoint: Option<String>,
+}
+
+fn enabled() -> bool {
+    true
+}
+
+impl Settings {
+    pub fn new(addresses: Vec<IpNet>, listen_port: u16) -> Settings {
+        Settings {
+            addresses,
+            listen_port,
+            advertised_routes: Vec::new(),
+            exit_node: false,
+            snat: true,
+            mss_clamp: true,
+            public_endpoint: None,
+        }
+    }
+}
+
+/// A peer as saved on disk. Keys are base64, as `wg` prints them.
+#[derive(Clone, Serialize, Deserialize, zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
+#[serde(deny_unknown_fields)]
+pub struct StoredPeer {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub public_key: String,
+    /// The client's private key, when `vpcgate peer add` generated it, so
+    /// that `vpcgate peer config` can print the config again.
+    #[serde(default)]
+    pub private_key: Option<String>,
+    #[serde(default)]
+    pub preshared_key: Option<String>,
+    #[serde(default)]
+    #[zeroize(skip)]
+    pub endpoint: Option<std::net::SocketAddr>,
+    #[serde(default)]
+    pub persistent_keepalive: u16,
+    #[serde(default)]
+    #[zeroize(skip)]
+    pub allowed_ips: Vec<IpNet>,
+    #[serde(default)]
+    pub accept_routes: bool,
+    #[serde(default)]
+    pub accept_default_route: bool,
 }
 
 pub struct StateDir {
@@ -102,6 +161,27 @@ impl StateDir {
                 path,
                 reason: e.to_string(),
             })
+    }
+
+    pub fn load_peers(&self) -> Result<Vec<StoredPeer>, StateError> {
+        let path = self.path(PEERS_FILE);
+        let Some(text) = read_optional(&path)? else {
+            return Ok(Vec::new());
+        };
+        serde_json::from_str(&text).map_err(|e| StateError::Corrupt {
+            path,
+            reason: e.to_string(),
+        })
+    }
+
+    pub fn save_peers(&self, peers: &[StoredPeer]) -> Result<(), StateError> {
+        let json = serde_json::to_vec_pretty(peers).map_err(|e| StateError::Write {
+            path: self.path(PEERS_FILE),
+            source: io::Error::other(e),
+        })?;
+        let mut json = Zeroizing::new(json);
+        json.push(b'\n');
+        write_atomic(&self.path(PEERS_FILE), &json)
     }
 
     pub fn save_settings(&self, settings: &Settings) -> Result<(), StateError> {
@@ -244,13 +324,12 @@ mod tests {
         let dir = tempdir("settings");
         let state = StateDir::open(&dir).expect("open");
         assert_eq!(state.load_settings().expect("load"), None);
-        let settings = Settings {
-            address: "100.64.0.1/24".parse().expect("cidr"),
-            listen_port: 51820,
-        };
+        let mut settings = Settings::new(vec!["100.64.0.1/24".parse().expect("cidr")], 51820);
+        settings.advertised_routes = vec!["198.18.64.0/20".parse().expect("cidr")];
+        settings.public_endpoint = Some("198.18.2.10:51820".into());
         state.save_settings(&settings).expect("save");
         assert_eq!(state.load_settings().expect("load"), Some(settings));
-        fs::write(dir.join(SETTINGS_FILE), "{\"address\":").expect("write");
+        fs::write(dir.join(SETTINGS_FILE), "{\"addresses\":").expect("write");
         let msg = state.load_settings().expect_err("corrupt").to_string();
         assert!(msg.contains("settings.json"), "{msg}");
         let leftovers: Vec<_> = fs::read_dir(&dir)
@@ -259,6 +338,42 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().contains(".tmp."))
             .collect();
         assert!(leftovers.is_empty());
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn peers_round_trip_empty_file_is_corrupt() {
+        let dir = tempdir("peers");
+        let state = StateDir::open(&dir).expect("open");
+        assert!(state.load_peers().expect("none yet").is_empty());
+        let peer = StoredPeer {
+            name: Some("laptop".into()),
+            public_key: "x".repeat(44),
+            private_key: Some("y".repeat(44)),
+            preshared_key: None,
+            endpoint: None,
+            persistent_keepalive: 25,
+            allowed_ips: vec!["100.64.0.2/32".parse().expect("cidr")],
+            accept_routes: false,
+            accept_default_route: false,
+        };
+        state.save_peers(&[peer]).expect("save");
+        let back = state.load_peers().expect("load");
+        assert_eq!(back.len(), 1);
+        assert_eq!(back[0].name.as_deref(), Some("laptop"));
+        assert_eq!(back[0].persistent_keepalive, 25);
+        let meta = fs::metadata(dir.join(PEERS_FILE)).expect("stat");
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        fs::write(dir.join(PEERS_FILE), "").expect("truncate");
+        let msg = state
+            .load_peers()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            msg.contains("peers.json") && msg.contains("corrupt"),
+            "{msg}"
+        );
         let _ = fs::remove_dir_all(&dir);
     }
 

@@ -23,13 +23,87 @@ pub const MAX_FRAME: usize = 1 << 20;
 #[serde(tag = "request", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     Status,
+    /// Prints the advertised set.
+    GetAdvertisedRoutes,
+    /// Replaces the advertised set; an empty list clears it. Each entry is
+    /// one prefix as the user typed it, validated by the daemon.
+    AdvertiseRoutes {
+        routes: Vec<String>,
+        #[serde(default)]
+        exit_node: bool,
+    },
+    Set(SetOptions),
+    PeerAdd(PeerAdd),
+    PeerRemove {
+        name: String,
+    },
+    PeerList,
+    PeerConfig {
+        name: String,
+    },
+}
+
+/// Settings to change; `None` leaves one as it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetOptions {
+    #[serde(default)]
+    pub snat: Option<bool>,
+    #[serde(default)]
+    pub mss_clamp: Option<bool>,
+    /// HOST:PORT that client configs point at.
+    #[serde(default)]
+    pub public_endpoint: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerAdd {
+    pub name: String,
+    /// Base64; when absent the daemon generates the client's keypair.
+    #[serde(default)]
+    pub public_key: Option<String>,
+    /// When empty, the next free tunnel address is assigned.
+    #[serde(default)]
+    pub allowed_ips: Vec<String>,
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default)]
+    pub keepalive: Option<u16>,
+    #[serde(default)]
+    pub accept_routes: bool,
+    #[serde(default)]
+    pub accept_default_route: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "response", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Response {
     Status(Status),
-    Error { message: String },
+    Routes {
+        routes: Vec<String>,
+        /// What the user should know, e.g. forwarding is off.
+        #[serde(default)]
+        warnings: Vec<String>,
+    },
+    Done {
+        message: String,
+    },
+    PeerAdded {
+        name: String,
+        allowed_ips: Vec<String>,
+        /// The wg-quick config, when the daemon generated the client's key.
+        config: Option<String>,
+    },
+    Peers {
+        peers: Vec<PeerStatus>,
+    },
+    PeerConfig {
+        config: String,
+    },
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,7 +111,15 @@ pub struct Status {
     pub interface: String,
     pub public_key: String,
     pub listen_port: u16,
+    /// The tunnel address (the IPv4 one if there are two).
     pub address: String,
+    pub addresses: Vec<String>,
+    pub public_endpoint: Option<String>,
+    pub advertised_routes: Vec<String>,
+    pub accepted_routes: Vec<String>,
+    pub snat: bool,
+    pub mss_clamp: bool,
+    pub warnings: Vec<String>,
     pub peers: Vec<PeerStatus>,
     /// Packets dropped, by reason.
     pub drops: Vec<(String, u64)>,
@@ -45,6 +127,7 @@ pub struct Status {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerStatus {
+    pub name: Option<String>,
     pub public_key: String,
     pub endpoint: Option<String>,
     pub allowed_ips: Vec<String>,
@@ -53,6 +136,8 @@ pub struct PeerStatus {
     pub rx_bytes: u64,
     pub tx_bytes: u64,
     pub persistent_keepalive: Option<u16>,
+    #[serde(default)]
+    pub accept_routes: bool,
 }
 
 #[derive(Debug, thiserror::Error)]

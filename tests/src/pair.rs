@@ -129,15 +129,13 @@ fn start_node(ns: Netns, imp: Impl, index: u8, inner_ipv6: bool) -> Result<Node>
             (dev, key.public)
         }
         Impl::Vpcgated => {
+            // vpcgated takes both tunnel addresses through --address, so it
+            // knows both tunnel networks and forwards to them.
             let dev = WgDev::vpcgated(
                 &ns,
                 &format!("v{role}"),
-                &VpcgatedConfig::new(port, &addrs[0]),
+                &VpcgatedConfig::new(port, &addrs.join(",")),
             )?;
-            // vpcgated assigns only --address; the inner IPv6 is the test's.
-            for extra in &addrs[1..] {
-                dev.add_addr(extra)?;
-            }
             let pk = dev.public_key()?;
             (dev, pk)
         }

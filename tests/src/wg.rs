@@ -51,6 +51,20 @@ pub fn vpcgated_bin() -> Result<PathBuf> {
     Ok(bin)
 }
 
+/// Path of the `vpcgate` CLI, from the same directory as `vpcgated`.
+pub fn vpcgate_bin() -> Result<PathBuf> {
+    let dir = bin_dir()?;
+    let bin = dir.join("vpcgate");
+    if !bin.is_file() {
+        bail!(
+            "vpcgate not found at {}: build it with `cargo build --release -p vpcgate` \
+             (or point VPCGATE_BIN_DIR at the directory that holds it)",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
 /// A WireGuard key pair in base64, as `wg genkey` / `wg pubkey` print it.
 #[derive(Clone, Debug)]
 pub struct KeyPair {
@@ -334,7 +348,8 @@ impl WgDev {
         let ns = self.ns.clone();
         let name = self.name.clone();
         let want_mtu = format!(" mtu {mtu} ");
-        let want_addr = format!(" {address} ");
+        // `--address` may list one IPv4 and one IPv6 address, comma-separated.
+        let want_addrs: Vec<String> = address.split(',').map(|a| format!(" {a} ")).collect();
         let proc = &mut self.proc;
         let mut last = String::new();
         let res = wait_until(Duration::from_secs(10), &what, || {
@@ -348,7 +363,9 @@ impl WgDev {
                 .split_once('<')
                 .and_then(|(_, rest)| rest.split_once('>'))
                 .is_some_and(|(flags, _)| flags.split(',').any(|f| f == "UP"));
-            Ok(up && link.contains(&want_mtu) && addrs.contains(&want_addr))
+            Ok(up
+                && link.contains(&want_mtu)
+                && want_addrs.iter().all(|a| addrs.contains(a.as_str())))
         })
         .with_context(|| format!("last seen: {last:?}"));
         self.with_log(res)

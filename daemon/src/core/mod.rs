@@ -12,11 +12,13 @@
 //! an `arc_swap::Cache`, and statistics are plain atomic stores by their only
 //! writer.
 
+pub mod mss;
 pub mod packet;
+pub mod routes_msg;
 pub mod table;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -45,8 +47,18 @@ pub fn handle_slot(handle: PeerHandle) -> u32 {
 /// slot must fit in 24 bits.
 pub const MAX_PEERS: u32 = 1 << 24;
 
-/// The routing table as the control plane publishes it.
-pub type SharedTable = Arc<ArcSwap<RouteTable<PeerHandle>>>;
+/// What the control plane publishes for the data path, replaced whole.
+#[derive(Default)]
+pub struct Routes {
+    /// Cryptokey routing: every peer's allowed IPs.
+    pub peers: Arc<RouteTable<PeerHandle>>,
+    /// Where packets from peers may go: the tunnel networks and the
+    /// advertised ranges. Anything else is dropped, even if a stale client
+    /// config still routes it here.
+    pub forward: Arc<RouteTable<()>>,
+}
+
+pub type SharedRoutes = Arc<ArcSwap<Routes>>;
 
 /// Size of every scratch buffer handed to the core: the largest IP packet plus
 /// WireGuard's 32 bytes of framing, rounded up.
@@ -85,10 +97,13 @@ pub enum DropReason {
     DecryptFailed,
     /// The socket refused a datagram.
     SendFailed,
+    /// From a peer, to a destination outside the advertised ranges and the
+    /// tunnel networks.
+    NotAdvertised,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 8] = [
+    pub const ALL: [DropReason; 9] = [
         DropReason::NoRoute,
         DropReason::NoEndpoint,
         DropReason::CryptokeyFilter,
@@ -97,6 +112,7 @@ impl DropReason {
         DropReason::HandshakeFailed,
         DropReason::DecryptFailed,
         DropReason::SendFailed,
+        DropReason::NotAdvertised,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -109,6 +125,7 @@ impl DropReason {
             DropReason::HandshakeFailed => "handshake_failed",
             DropReason::DecryptFailed => "decrypt_failed",
             DropReason::SendFailed => "send_failed",
+            DropReason::NotAdvertised => "not_advertised",
         }
     }
 }
@@ -193,7 +210,20 @@ pub struct PeerSpec {
     pub preshared_key: Option<Zeroizing<[u8; 32]>>,
     pub endpoint: Option<SocketAddr>,
     pub persistent_keepalive: u16,
+    /// Set when we trust this peer's routes: its tunnel address, where route
+    /// requests go.
+    pub route_source: Option<Ipv4Addr>,
     pub stats: Arc<PeerStats>,
+}
+
+/// Something the control plane must act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A trusted peer advertised a new set of routes.
+    RoutesLearned {
+        peer: PeerHandle,
+        routes: Vec<ipnet::IpNet>,
+    },
 }
 
 /// A change from the control plane. Each is applied whole, between batches.
@@ -204,6 +234,14 @@ pub enum Change {
     RemovePeer(PeerHandle),
     SetEndpoint(PeerHandle, SocketAddr),
     SetKeepalive(PeerHandle, u16),
+    SetRouteSource(PeerHandle, Option<Ipv4Addr>),
+    /// Our own tunnel IPv4 address: the source of route messages, and where
+    /// peers send route requests.
+    SetLocalAddress(Option<Ipv4Addr>),
+    /// What we answer route requests with.
+    SetAdvertised(Vec<ipnet::IpNet>),
+    /// Largest TCP MSS for IPv4 and IPv6 SYNs crossing the tunnel; 0 = off.
+    SetMssClamp(u16, u16),
 }
 
 struct Identity {
@@ -223,6 +261,9 @@ struct Peer {
     persistent_keepalive: u16,
     last_sent: Option<Instant>,
     session_established: Option<Instant>,
+    route_source: Option<Ipv4Addr>,
+    routes_generation: Option<u64>,
+    next_route_poll: Option<Instant>,
     stats: Arc<PeerStats>,
 }
 
@@ -251,23 +292,42 @@ pub struct Node {
     identity: Option<Identity>,
     peers: Vec<Option<Peer>>,
     by_key: HashMap<[u8; 32], u32>,
-    routes: arc_swap::Cache<SharedTable, Arc<RouteTable<PeerHandle>>>,
+    routes: arc_swap::Cache<SharedRoutes, Arc<Routes>>,
     counters: Arc<DropCounters>,
     next_tick: Instant,
     next_limiter_reset: Instant,
+    local_v4: Option<Ipv4Addr>,
+    advertised: Vec<ipnet::IpNet>,
+    /// Changes with every advertised set, so receivers can skip repeats.
+    advertised_generation: u64,
+    mss: (u16, u16),
+    /// Route messages are built here, then encrypted into the caller's buffer.
+    control_buf: Box<[u8; routes_msg::MAX_PACKET]>,
+    events: Vec<Event>,
 }
 
 impl Node {
-    pub fn new(table: SharedTable, counters: Arc<DropCounters>, now: Instant) -> Self {
+    pub fn new(routes: SharedRoutes, counters: Arc<DropCounters>, now: Instant) -> Self {
         Node {
             identity: None,
             peers: Vec::new(),
             by_key: HashMap::new(),
-            routes: arc_swap::Cache::new(table),
+            routes: arc_swap::Cache::new(routes),
             counters,
             next_tick: now,
             next_limiter_reset: now,
+            local_v4: None,
+            advertised: Vec::new(),
+            advertised_generation: 0,
+            mss: (0, 0),
+            control_buf: Box::new([0; routes_msg::MAX_PACKET]),
+            events: Vec::new(),
         }
+    }
+
+    /// Events since the last call, oldest first.
+    pub fn drain_events(&mut self) -> std::vec::Drain<'_, Event> {
+        self.events.drain(..)
     }
 
     /// When `handle_timers` next wants to run.
@@ -299,6 +359,19 @@ impl Node {
                     peer.last_sent = None;
                 }
             }
+            Change::SetRouteSource(handle, source) => {
+                if let Some(peer) = self.peer_mut(handle) {
+                    peer.route_source = source;
+                    peer.routes_generation = None;
+                    peer.next_route_poll = None;
+                }
+            }
+            Change::SetLocalAddress(address) => self.local_v4 = address,
+            Change::SetAdvertised(routes) => {
+                self.advertised = routes;
+                self.advertised_generation = self.advertised_generation.wrapping_add(1);
+            }
+            Change::SetMssClamp(v4, v6) => self.mss = (v4, v6),
         }
     }
 
@@ -344,6 +417,9 @@ impl Node {
             persistent_keepalive: spec.persistent_keepalive,
             last_sent: None,
             session_established: None,
+            route_source: spec.route_source,
+            routes_generation: None,
+            next_route_poll: None,
             stats: spec.stats,
         };
         peer.tunn = new_tunn(self.identity.as_ref(), &peer, slot);
@@ -358,7 +434,7 @@ impl Node {
     /// One IP packet read from the TUN: route it to a peer and encrypt it.
     pub fn handle_tun_packet(
         &mut self,
-        packet: &[u8],
+        packet: &mut [u8],
         buf: &mut [u8],
         now: Instant,
         tx: &mut impl Transmit,
@@ -367,9 +443,11 @@ impl Node {
             self.counters.add(DropReason::Malformed);
             return;
         };
-        let table = self.routes.load();
-        let Some(peer) = table
-            .lookup(ip.destination())
+        let destination = ip.destination();
+        let routes = self.routes.load();
+        let Some(peer) = routes
+            .peers
+            .lookup(destination)
             .and_then(|handle| peer_by_handle(&mut self.peers, handle))
         else {
             self.counters.add(DropReason::NoRoute);
@@ -379,6 +457,7 @@ impl Node {
             self.counters.add(DropReason::NoRoute);
             return;
         };
+        mss::clamp_mss(packet, self.mss.0, self.mss.1);
         match tunn.encapsulate(packet, buf) {
             TunnResult::WriteToNetwork(datagram) => peer.send(datagram, now, &self.counters, tx),
             TunnResult::Err(_) => self.counters.add(DropReason::SendFailed),
@@ -439,7 +518,8 @@ impl Node {
         let Some(tunn) = peer.tunn.as_mut() else {
             return counters.add(DropReason::UnknownPeer);
         };
-        let table = self.routes.load();
+        let routes = self.routes.load();
+        let mut answer_route_request = None;
         match tunn.decapsulate(Some(from.ip()), datagram, buf) {
             TunnResult::Err(e) => {
                 return counters.add(match e {
@@ -472,15 +552,35 @@ impl Node {
                 }
             }
             TunnResult::WriteToTunnelV4(inner, source) => {
-                if table.lookup_v4(source) == Some(peer.handle) {
-                    tx.write_tun(inner);
-                } else {
+                if routes.peers.lookup_v4(source) != Some(peer.handle) {
                     counters.add(DropReason::CryptokeyFilter);
+                } else if let Some((requester, message)) = self
+                    .local_v4
+                    .and_then(|local| routes_msg::intercept(inner, local))
+                {
+                    match message {
+                        Ok(routes_msg::Message::Request) => answer_route_request = Some(requester),
+                        Ok(routes_msg::Message::Routes(set)) => {
+                            // Only a peer we trust for routes is listened to.
+                            if peer.route_source.is_some()
+                                && peer.routes_generation != Some(set.generation)
+                            {
+                                peer.routes_generation = Some(set.generation);
+                                self.events.push(Event::RoutesLearned {
+                                    peer: peer.handle,
+                                    routes: set.routes().collect(),
+                                });
+                            }
+                        }
+                        Err(()) => counters.add(DropReason::Malformed),
+                    }
+                } else {
+                    forward(inner, routes, self.mss, counters, tx);
                 }
             }
             TunnResult::WriteToTunnelV6(inner, source) => {
-                if table.lookup_v6(source) == Some(peer.handle) {
-                    tx.write_tun(inner);
+                if routes.peers.lookup_v6(source) == Some(peer.handle) {
+                    forward(inner, routes, self.mss, counters, tx);
                 } else {
                     counters.add(DropReason::CryptokeyFilter);
                 }
@@ -495,6 +595,25 @@ impl Node {
                 peer.endpoint = Some(from);
                 peer.stats.set_endpoint(Some(from));
                 tracing::debug!(peer = %short_key(&peer.public_key), endpoint = %from, "peer endpoint changed");
+            }
+        }
+
+        if let (Some(requester), Some(local)) = (answer_route_request, self.local_v4) {
+            let Some(len) = routes_msg::build_routes(
+                local,
+                requester,
+                self.advertised_generation,
+                &self.advertised,
+                &mut self.control_buf[..],
+            ) else {
+                return;
+            };
+            if let Some(tunn) = peer.tunn.as_mut() {
+                if let TunnResult::WriteToNetwork(datagram) =
+                    tunn.encapsulate(&self.control_buf[..len], buf)
+                {
+                    peer.send(datagram, now, counters, tx);
+                }
             }
         }
     }
@@ -545,7 +664,62 @@ impl Node {
                 }
             }
             track_handshake(peer, now, wall);
+            poll_routes(
+                peer,
+                self.local_v4,
+                &mut self.control_buf[..],
+                buf,
+                now,
+                counters,
+                tx,
+            );
         }
+    }
+}
+
+/// Delivers a packet from a peer to the TUN if its destination is in scope.
+fn forward(
+    inner: &mut [u8],
+    routes: &Routes,
+    mss: (u16, u16),
+    counters: &DropCounters,
+    tx: &mut impl Transmit,
+) {
+    let in_scope = IpPacket::new_checked(inner)
+        .is_some_and(|ip| routes.forward.lookup(ip.destination()).is_some());
+    if in_scope {
+        mss::clamp_mss(inner, mss.0, mss.1);
+        tx.write_tun(inner);
+    } else {
+        counters.add(DropReason::NotAdvertised);
+    }
+}
+
+/// Asks a trusted peer for its routes every [`routes_msg::POLL_INTERVAL`].
+fn poll_routes(
+    peer: &mut Peer,
+    local: Option<Ipv4Addr>,
+    control_buf: &mut [u8],
+    buf: &mut [u8],
+    now: Instant,
+    counters: &DropCounters,
+    tx: &mut impl Transmit,
+) {
+    let (Some(local), Some(target)) = (local, peer.route_source) else {
+        return;
+    };
+    if peer.next_route_poll.is_some_and(|at| now < at) {
+        return;
+    }
+    peer.next_route_poll = Some(now + routes_msg::POLL_INTERVAL);
+    let Some(len) = routes_msg::build_request(local, target, control_buf) else {
+        return;
+    };
+    let Some(tunn) = peer.tunn.as_mut() else {
+        return;
+    };
+    if let TunnResult::WriteToNetwork(datagram) = tunn.encapsulate(&control_buf[..len], buf) {
+        peer.send(datagram, now, counters, tx);
     }
 }
 

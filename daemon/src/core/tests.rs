@@ -22,7 +22,7 @@ impl Transmit for Wire {
 
 struct Host {
     node: Node,
-    table: SharedTable,
+    table: SharedRoutes,
     counters: Arc<DropCounters>,
     public: [u8; 32],
     addr: SocketAddr,
@@ -35,7 +35,7 @@ impl Host {
     fn new(addr: &str) -> Host {
         let secret = StaticSecret::random_from_rng(rand_core::OsRng);
         let public = PublicKey::from(&secret).to_bytes();
-        let table: SharedTable = Arc::new(ArcSwap::from_pointee(RouteTable::empty()));
+        let table: SharedRoutes = Arc::new(ArcSwap::from_pointee(Routes::default()));
         let counters = Arc::new(DropCounters::default());
         let mut node = Node::new(table.clone(), counters.clone(), Instant::now());
         node.apply(Change::SetPrivateKey(Some(secret)));
@@ -65,6 +65,7 @@ impl Host {
             preshared_key: None,
             endpoint,
             persistent_keepalive: 0,
+            route_source: None,
             stats: stats.clone(),
         }));
         for ip in ips {
@@ -80,14 +81,26 @@ impl Host {
         self.node.apply(Change::RemovePeer(handle));
     }
 
+    /// Publishes the peers' allowed IPs; packets may be forwarded to the
+    /// tunnel network and to `scope`.
     fn publish(&self) {
-        self.table
-            .store(Arc::new(RouteTable::build(self.routes.iter().copied())));
+        self.publish_scope(&[]);
+    }
+
+    fn publish_scope(&self, scope: &[&str]) {
+        let forward = std::iter::once("100.64.0.0/24")
+            .chain(scope.iter().copied())
+            .map(|s| (s.parse().expect("cidr"), ()));
+        self.table.store(Arc::new(Routes {
+            peers: Arc::new(RouteTable::build(self.routes.iter().copied())),
+            forward: Arc::new(RouteTable::build(forward)),
+        }));
     }
 
     fn send_ip(&mut self, packet: &[u8]) {
+        let mut packet = packet.to_vec();
         self.node
-            .handle_tun_packet(packet, &mut self.buf, Instant::now(), &mut self.wire);
+            .handle_tun_packet(&mut packet, &mut self.buf, Instant::now(), &mut self.wire);
     }
 
     fn receive(&mut self, from: SocketAddr, datagram: &[u8]) {
