@@ -398,3 +398,165 @@ fn under_load_initiations_get_cookie_replies() {
     assert!(cookies > 0, "past the limit, b must demand a cookie");
     assert_eq!(responses + cookies, 400);
 }
+
+/// A TCP SYN from `src` to `dst` announcing MSS 1460.
+fn syn(src: &str, dst: &str) -> Vec<u8> {
+    let mut tcp = vec![0u8; 24];
+    tcp[12] = 6 << 4; // data offset: 24 bytes
+    tcp[13] = 0x02; // SYN
+    tcp[20..24].copy_from_slice(&[2, 4, 0x05, 0xb4]);
+    let mut p = ipv4(src, dst, &tcp);
+    p[9] = 6;
+    p
+}
+
+fn mss_of(packet: &[u8]) -> u16 {
+    u16::from_be_bytes([packet[42], packet[43]])
+}
+
+/// A gateway (a) advertising 198.18.64.0/20 and a client (b) that sends it
+/// everything.
+fn gateway_and_client() -> (Host, Host) {
+    let mut gw = Host::new("198.18.2.10:51820");
+    let mut client = Host::new("198.18.1.2:51820");
+    let (gw_pub, client_pub) = (gw.public, client.public);
+    gw.add_peer(B, client_pub, None, &["100.64.0.2/32"]);
+    gw.publish_scope(&["198.18.64.0/20"]);
+    gw.node.apply(Change::SetLocalAddress(Some(
+        "100.64.0.1".parse().expect("ip"),
+    )));
+    gw.node.apply(Change::SetAdvertised(vec!["198.18.64.0/20"
+        .parse()
+        .expect("cidr")]));
+    client.add_peer(A, gw_pub, Some(gw.addr), &["0.0.0.0/0"]);
+    client.node.apply(Change::SetLocalAddress(Some(
+        "100.64.0.2".parse().expect("ip"),
+    )));
+    (gw, client)
+}
+
+#[test]
+fn peers_reach_only_the_tunnel_and_advertised_ranges() {
+    let (mut gw, mut client) = gateway_and_client();
+    client.send_ip(&ipv4("100.64.0.2", "198.18.64.5", b"db"));
+    settle(&mut [&mut gw, &mut client]);
+    assert_eq!(gw.wire.tun.len(), 1, "advertised range is forwarded");
+
+    for outside in ["169.254.169.254", "198.19.101.10", "198.18.2.10"] {
+        client.send_ip(&ipv4("100.64.0.2", outside, b"nope"));
+        settle(&mut [&mut gw, &mut client]);
+    }
+    assert_eq!(
+        gw.wire.tun.len(),
+        1,
+        "nothing outside the scope reaches the TUN"
+    );
+    assert_eq!(gw.dropped(DropReason::NotAdvertised), 3);
+
+    // Withdrawing the range closes it at once, whatever the client still routes.
+    gw.publish_scope(&[]);
+    client.send_ip(&ipv4("100.64.0.2", "198.18.64.5", b"late"));
+    settle(&mut [&mut gw, &mut client]);
+    assert_eq!(gw.wire.tun.len(), 1);
+    assert_eq!(gw.dropped(DropReason::NotAdvertised), 4);
+}
+
+#[test]
+fn syn_mss_is_clamped_both_ways_when_enabled() {
+    let (mut gw, mut client) = gateway_and_client();
+    gw.node.apply(Change::SetMssClamp(1380, 1360));
+    client.send_ip(&syn("100.64.0.2", "198.18.64.5"));
+    settle(&mut [&mut gw, &mut client]);
+    assert_eq!(
+        mss_of(&gw.wire.tun[0]),
+        1380,
+        "inbound SYN clamped before the TUN"
+    );
+
+    // The gateway's outbound SYN-ACK direction: clamped before encryption.
+    let mut reply = syn("198.18.64.5", "100.64.0.2");
+    reply[33] = 0x12; // SYN+ACK
+    gw.send_ip(&reply);
+    settle(&mut [&mut gw, &mut client]);
+    assert_eq!(mss_of(&client.wire.tun[0]), 1380);
+
+    gw.node.apply(Change::SetMssClamp(0, 0));
+    client.send_ip(&syn("100.64.0.2", "198.18.64.6"));
+    settle(&mut [&mut gw, &mut client]);
+    assert_eq!(mss_of(&gw.wire.tun[1]), 1460, "off leaves the SYN alone");
+}
+
+fn learned(host: &mut Host) -> Vec<Vec<String>> {
+    host.node
+        .drain_events()
+        .map(|Event::RoutesLearned { routes, .. }| routes.iter().map(ToString::to_string).collect())
+        .collect()
+}
+
+fn tick(host: &mut Host, at: Instant) {
+    host.node
+        .handle_timers(at, SystemTime::now(), &mut host.buf, &mut host.wire);
+}
+
+#[test]
+fn a_trusting_client_learns_and_relearns_advertised_routes() {
+    let (mut gw, mut client) = gateway_and_client();
+    client.node.apply(Change::SetRouteSource(
+        A,
+        Some("100.64.0.1".parse().expect("ip")),
+    ));
+    let t0 = Instant::now();
+    tick(&mut client, t0);
+    settle(&mut [&mut gw, &mut client]);
+    assert_eq!(
+        learned(&mut client),
+        vec![vec!["198.18.64.0/20".to_string()]]
+    );
+
+    // The same set again is not reported twice.
+    tick(&mut client, t0 + routes_msg::POLL_INTERVAL);
+    settle(&mut [&mut gw, &mut client]);
+    assert!(learned(&mut client).is_empty());
+
+    gw.node.apply(Change::SetAdvertised(vec![
+        "198.18.64.0/20".parse().expect("cidr"),
+        "198.19.101.0/24".parse().expect("cidr"),
+    ]));
+    tick(&mut client, t0 + routes_msg::POLL_INTERVAL * 2);
+    settle(&mut [&mut gw, &mut client]);
+    assert_eq!(
+        learned(&mut client),
+        vec![vec![
+            "198.18.64.0/20".to_string(),
+            "198.19.101.0/24".to_string()
+        ]]
+    );
+    assert!(
+        gw.wire.tun.is_empty() && client.wire.tun.is_empty(),
+        "route messages never reach a TUN"
+    );
+}
+
+#[test]
+fn routes_from_an_untrusted_peer_are_ignored() {
+    let (mut gw, mut client) = gateway_and_client();
+    // The gateway's side sends an advertisement the client never asked for.
+    let mut msg = vec![0u8; routes_msg::MAX_PACKET];
+    let n = routes_msg::build_routes(
+        "100.64.0.1".parse().expect("ip"),
+        "100.64.0.2".parse().expect("ip"),
+        9,
+        &["0.0.0.0/0".parse().expect("cidr")],
+        &mut msg,
+    )
+    .expect("fits");
+    gw.routes.push(("100.64.0.2/32".parse().expect("cidr"), B));
+    gw.publish_scope(&[]);
+    gw.send_ip(&msg[..n]);
+    settle(&mut [&mut gw, &mut client]);
+    assert!(
+        learned(&mut client).is_empty(),
+        "a peer without --accept-routes is not listened to"
+    );
+    assert!(client.wire.tun.is_empty());
+}
