@@ -21,6 +21,6 @@ pub use traffic::{
     Transfer,
 };
 pub use wg::{
-    bin_dir, gen_keypair, public_key_of, unix_now, vpcgated_bin, KeyPair, VpcgatedConfig, WgDev,
+    bin_dir, gen_keypair, public_key_of, unix_now, vpcgate_bin, vpcgated_bin, KeyPair, VpcgatedConfig, WgDev,
     WgDump, WgPeer, UAPI_DIR,
 };
