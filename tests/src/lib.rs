@@ -6,10 +6,20 @@
 //! The tests need root. Every entry point that touches the network calls
 //! [`require_root`], which panics instead of letting a test pass silently.
 
+mod flows;
+mod guide;
 mod netns;
 mod pair;
 mod traffic;
 mod wg;
+
+pub use flows::{tcp_download, tcp_reachable, Download, EchoSession};
+pub use guide::{
+    sock, sysctl, wg_quick_strip, write_wg_quick_conf, ClientConf, Gateway, Guide, GuideNet,
+    PeerInfo, RouteView, Status, Vpcgate, VpcgateLaptop, WgQuick, CLIENT_NET, DB, GW_ENDPOINT,
+    GW_PORT, GW_PUBLIC, GW_TUNNEL_ADDR, GW_VPC, PEERED_RANGE, TUNNEL_NET, VPC_HOST, VPC_RANGE,
+    VPC_ROUTER,
+};
 
 pub use netns::{require_root, unique_ifname, veth, wait_until, Netns, Proc};
 pub use pair::{
@@ -21,6 +31,6 @@ pub use traffic::{
     Transfer,
 };
 pub use wg::{
-    bin_dir, gen_keypair, public_key_of, unix_now, vpcgate_bin, vpcgated_bin, KeyPair, VpcgatedConfig, WgDev,
-    WgDump, WgPeer, UAPI_DIR,
+    bin_dir, gen_keypair, public_key_of, unix_now, vpcgate_bin, vpcgated_bin, KeyPair,
+    VpcgatedConfig, WgDev, WgDump, WgPeer, UAPI_DIR,
 };

@@ -73,6 +73,9 @@ pub struct Transfer {
     pub bytes: u64,
     pub client_to_server: Duration,
     pub server_to_client: Duration,
+    /// The client address of each of the two connections as the server's
+    /// `accept` saw it (after any NAT on the way).
+    pub server_saw: [SocketAddr; 2],
 }
 
 fn mbit_s(bytes: u64, d: Duration) -> f64 {
@@ -162,13 +165,13 @@ fn verify_stream(r: &mut impl Read, seed: u64, bytes: u64) -> Result<()> {
     Ok(())
 }
 
-fn accept_with_deadline(listener: &TcpListener) -> Result<TcpStream> {
+pub(crate) fn accept_with_deadline(listener: &TcpListener) -> Result<(TcpStream, SocketAddr)> {
     let deadline = Instant::now() + ACCEPT_TIMEOUT;
     loop {
         match listener.accept() {
-            Ok((s, _)) => {
+            Ok((s, peer)) => {
                 s.set_nonblocking(false)?;
-                return Ok(s);
+                return Ok((s, peer));
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {
                 if Instant::now() >= deadline {
@@ -207,17 +210,18 @@ pub fn tcp_transfer(
     let server_ns = server.clone();
     let srv = thread::Builder::new()
         .name(format!("tcp-server-{}", server.name()))
-        .spawn(move || -> Result<Duration> {
+        .spawn(move || -> Result<(Duration, [SocketAddr; 2])> {
             server_ns.enter_current_thread()?;
             let listener = TcpListener::bind(addr)
                 .with_context(|| format!("bind {addr} in {}", server_ns.name()))?;
             listener.set_nonblocking(true)?;
             // The receiver is gone only if the client thread already failed.
             let _ = ready_tx.send(());
-            let up = accept_with_deadline(&listener).context("first connection")?;
+            let (up, saw_up) = accept_with_deadline(&listener).context("first connection")?;
             receive_verified(up, SEED_UP, bytes).context("client -> server")?;
-            let down = accept_with_deadline(&listener).context("second connection")?;
-            send_pattern(down, SEED_DOWN, bytes).context("server -> client")
+            let (down, saw_down) = accept_with_deadline(&listener).context("second connection")?;
+            let took = send_pattern(down, SEED_DOWN, bytes).context("server -> client")?;
+            Ok((took, [saw_up, saw_down]))
         })
         .context("spawning server thread")?;
 
@@ -246,11 +250,12 @@ pub fn tcp_transfer(
     let cli_res = join(cli, "client");
     let srv_res = join(srv, "server");
     match (cli_res, srv_res) {
-        (Ok((up, _)), Ok(down)) => {
+        (Ok((up, _)), Ok((down, server_saw))) => {
             let t = Transfer {
                 bytes,
                 client_to_server: up,
                 server_to_client: down,
+                server_saw,
             };
             eprintln!(
                 "tcp {} -> {addr} in {}: {bytes} bytes up in {:.2?} ({:.0} Mbit/s), down in {:.2?} ({:.0} Mbit/s)",
