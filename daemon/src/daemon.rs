@@ -158,6 +158,16 @@ fn restore_peers(
     };
     for s in stored {
         let public_key = parse_key(&s.public_key).map_err(corrupt)?;
+        if config.peers.iter().any(|p| p.public_key == public_key) {
+            return Err(corrupt(format!("peer {} is listed twice", s.public_key)));
+        }
+        if let Some(name) = s
+            .name
+            .as_deref()
+            .filter(|n| config.peer_by_name(n).is_some())
+        {
+            return Err(corrupt(format!("the name {name} is used twice")));
+        }
         let client_private_key = s
             .private_key
             .as_deref()
@@ -213,7 +223,7 @@ fn forwarding_warnings(settings: &Settings) -> Vec<String> {
 }
 
 impl Daemon {
-    async fn publish(&self, inner: &Inner, peers: Option<RouteTable<PeerHandle>>) {
+    fn publish(&self, inner: &Inner, peers: Option<RouteTable<PeerHandle>>) {
         let current = self.routes.load();
         let peers = match peers {
             Some(table) => Arc::new(table),
@@ -238,7 +248,7 @@ impl Daemon {
                 peers = peer_count,
                 "routing table updated"
             );
-            self.publish(inner, Some(table)).await;
+            self.publish(inner, Some(table));
         }
         self.dataplane.apply(plan.after_table).await;
     }
@@ -427,7 +437,7 @@ impl Daemon {
         }
         self.dataplane.apply(changes).await;
         if advertised_changed {
-            self.publish(inner, None).await;
+            self.publish(inner, None);
         }
         Ok(())
     }
@@ -1015,6 +1025,53 @@ mod tests {
         assert!(validate_addresses(&nets(&["100.64.0.1/24", "100.64.1.1/24"])).is_err());
         let err = validate_addresses(&nets(&["100.64.0.0/24"])).expect_err("network address");
         assert!(err.contains("100.64.0.1"), "{err}");
+    }
+
+    fn stored(name: &str, key: u8) -> StoredPeer {
+        StoredPeer {
+            name: Some(name.into()),
+            public_key: b64(&[key; 32]),
+            private_key: None,
+            preshared_key: None,
+            endpoint: None,
+            persistent_keepalive: 0,
+            allowed_ips: vec![format!("100.64.0.{key}/32").parse().expect("cidr")],
+            accept_routes: false,
+            accept_default_route: false,
+        }
+    }
+
+    fn garbled(name: &str) -> StoredPeer {
+        let mut peer = stored(name, 2);
+        peer.public_key = "garbage".into();
+        peer
+    }
+
+    #[test]
+    fn restored_peers_must_be_distinct_and_well_formed() {
+        let path = Path::new("/state/peers.json");
+        let mut config = DeviceConfig::new(None, 51820);
+        restore_peers(&mut config, &[stored("a", 2), stored("b", 3)], path).expect("valid");
+        assert_eq!(config.peers.len(), 2);
+        assert_eq!(
+            config.peer_by_name("b").map(|p| p.allowed_ips.len()),
+            Some(1)
+        );
+
+        for (peers, expected) in [
+            (vec![stored("a", 2), stored("b", 2)], "listed twice"),
+            (vec![stored("a", 2), stored("a", 3)], "used twice"),
+            (vec![garbled("a")], "not a base64"),
+        ] {
+            let mut config = DeviceConfig::new(None, 51820);
+            let err = restore_peers(&mut config, &peers, path)
+                .expect_err(expected)
+                .to_string();
+            assert!(
+                err.contains(expected) && err.contains("/state/peers.json"),
+                "{err}"
+            );
+        }
     }
 
     #[test]
