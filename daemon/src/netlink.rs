@@ -126,45 +126,16 @@ impl Netlink {
             })
     }
 
-    fn route_request(&self, index: u32) -> rtnetlink::RouteAddRequest<()> {
-        self.handle
+    /// The route for `net` through the link, as both add and delete take it.
+    fn route_message(&self, index: u32, net: IpNet) -> netlink_packet_route::route::RouteMessage {
+        let request = self
+            .handle
             .route()
             .add()
             .output_interface(index)
             .priority(LEARNED_ROUTE_METRIC)
-            .protocol(netlink_packet_route::route::RouteProtocol::Static)
-    }
-
-    /// Routes `net` through the link (replacing our own earlier route).
-    pub async fn add_route(&self, index: u32, net: IpNet) -> Result<(), NetlinkError> {
-        let request = self.route_request(index);
-        let result = match net {
-            IpNet::V4(n) => {
-                request
-                    .v4()
-                    .destination_prefix(n.network(), n.prefix_len())
-                    .replace()
-                    .execute()
-                    .await
-            }
-            IpNet::V6(n) => {
-                request
-                    .v6()
-                    .destination_prefix(n.network(), n.prefix_len())
-                    .replace()
-                    .execute()
-                    .await
-            }
-        };
-        result.map_err(|source| NetlinkError::Request {
-            what: "adding a learned route",
-            source,
-        })
-    }
-
-    pub async fn del_route(&self, index: u32, net: IpNet) -> Result<(), NetlinkError> {
-        let request = self.route_request(index);
-        let message = match net {
+            .protocol(netlink_packet_route::route::RouteProtocol::Static);
+        match net {
             IpNet::V4(n) => request
                 .v4()
                 .destination_prefix(n.network(), n.prefix_len())
@@ -175,10 +146,26 @@ impl Netlink {
                 .destination_prefix(n.network(), n.prefix_len())
                 .message_mut()
                 .clone(),
-        };
+        }
+    }
+
+    /// Routes `net` through the link (replacing our own earlier route).
+    pub async fn add_route(&self, index: u32, net: IpNet) -> Result<(), NetlinkError> {
+        let mut request = self.handle.route().add().replace();
+        *request.message_mut() = self.route_message(index, net);
+        request
+            .execute()
+            .await
+            .map_err(|source| NetlinkError::Request {
+                what: "adding a learned route",
+                source,
+            })
+    }
+
+    pub async fn del_route(&self, index: u32, net: IpNet) -> Result<(), NetlinkError> {
         self.handle
             .route()
-            .del(message)
+            .del(self.route_message(index, net))
             .execute()
             .await
             .map_err(|source| NetlinkError::Request {

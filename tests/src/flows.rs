@@ -14,7 +14,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use nix::sys::socket::{getsockopt, sockopt};
 
 use crate::netns::Netns;
-use crate::traffic::Pattern;
+use crate::traffic::{accept_until, join, Pattern};
 
 const CHUNK: usize = 64 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -27,32 +27,6 @@ fn bind_in(ns: &Netns, addr: SocketAddr) -> Result<TcpListener> {
     let l = TcpListener::bind(addr).with_context(|| format!("bind {addr} in {}", ns.name()))?;
     l.set_nonblocking(true)?;
     Ok(l)
-}
-
-/// Accepts one connection or fails once `deadline` passes.
-fn accept_until(l: &TcpListener, deadline: Instant) -> Result<(TcpStream, SocketAddr)> {
-    loop {
-        match l.accept() {
-            Ok((s, peer)) => {
-                s.set_nonblocking(false)?;
-                return Ok((s, peer));
-            }
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
-                if Instant::now() >= deadline {
-                    bail!("no connection arrived");
-                }
-                thread::sleep(Duration::from_millis(10));
-            }
-            Err(e) => return Err(e).context("accept"),
-        }
-    }
-}
-
-fn join<T>(h: thread::JoinHandle<Result<T>>, who: &str) -> Result<T> {
-    match h.join() {
-        Ok(r) => r.with_context(|| format!("{who} side")),
-        Err(_) => Err(anyhow!("{who} thread panicked")),
-    }
 }
 
 /// Outcome of [`tcp_download`].

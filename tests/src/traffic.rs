@@ -166,7 +166,14 @@ fn verify_stream(r: &mut impl Read, seed: u64, bytes: u64) -> Result<()> {
 }
 
 pub(crate) fn accept_with_deadline(listener: &TcpListener) -> Result<(TcpStream, SocketAddr)> {
-    let deadline = Instant::now() + ACCEPT_TIMEOUT;
+    accept_until(listener, Instant::now() + ACCEPT_TIMEOUT)
+}
+
+/// Accepts one connection on a non-blocking listener, or fails at `deadline`.
+pub(crate) fn accept_until(
+    listener: &TcpListener,
+    deadline: Instant,
+) -> Result<(TcpStream, SocketAddr)> {
     loop {
         match listener.accept() {
             Ok((s, peer)) => {
@@ -175,7 +182,7 @@ pub(crate) fn accept_with_deadline(listener: &TcpListener) -> Result<(TcpStream,
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {
                 if Instant::now() >= deadline {
-                    bail!("no connection within {ACCEPT_TIMEOUT:?}");
+                    bail!("no connection arrived in time");
                 }
                 thread::sleep(Duration::from_millis(10));
             }
@@ -184,7 +191,7 @@ pub(crate) fn accept_with_deadline(listener: &TcpListener) -> Result<(TcpStream,
     }
 }
 
-fn join<T>(h: thread::JoinHandle<Result<T>>, who: &str) -> Result<T> {
+pub(crate) fn join<T>(h: thread::JoinHandle<Result<T>>, who: &str) -> Result<T> {
     match h.join() {
         Ok(r) => r.with_context(|| format!("{who} side")),
         Err(_) => Err(anyhow!("{who} thread panicked")),

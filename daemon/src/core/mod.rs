@@ -301,6 +301,9 @@ pub struct Node {
     /// Changes with every advertised set, so receivers can skip repeats.
     advertised_generation: u64,
     mss: (u16, u16),
+    /// The wall clock at a known instant, refreshed every tick, so that a
+    /// handshake seen between ticks gets a Unix time without a clock read.
+    wall_at: (Instant, SystemTime),
     /// Route messages are built here, then encrypted into the caller's buffer.
     control_buf: Box<[u8; routes_msg::MAX_PACKET]>,
     events: Vec<Event>,
@@ -320,6 +323,7 @@ impl Node {
             advertised: Vec::new(),
             advertised_generation: 0,
             mss: (0, 0),
+            wall_at: (now, UNIX_EPOCH),
             control_buf: Box::new([0; routes_msg::MAX_PACKET]),
             events: Vec::new(),
         }
@@ -476,7 +480,7 @@ impl Node {
         tx: &mut impl Transmit,
     ) {
         let counters = &*self.counters;
-        let (slot, is_cookie) = match Tunn::parse_incoming_packet(datagram) {
+        let (slot, is_cookie, is_data) = match Tunn::parse_incoming_packet(datagram) {
             Err(_) => return counters.add(DropReason::Malformed),
             Ok(Packet::HandshakeInit(_)) => {
                 let Some(identity) = self.identity.as_ref() else {
@@ -503,13 +507,13 @@ impl Node {
                     return counters.add(DropReason::HandshakeFailed);
                 };
                 match self.by_key.get(&half.peer_static_public) {
-                    Some(&slot) => (slot, false),
+                    Some(&slot) => (slot, false, false),
                     None => return counters.add(DropReason::UnknownPeer),
                 }
             }
-            Ok(Packet::HandshakeResponse(p)) => (p.receiver_idx >> 8, false),
-            Ok(Packet::PacketCookieReply(p)) => (p.receiver_idx >> 8, true),
-            Ok(Packet::PacketData(p)) => (p.receiver_idx >> 8, false),
+            Ok(Packet::HandshakeResponse(p)) => (p.receiver_idx >> 8, false, false),
+            Ok(Packet::PacketCookieReply(p)) => (p.receiver_idx >> 8, true, false),
+            Ok(Packet::PacketData(p)) => (p.receiver_idx >> 8, false, true),
         };
 
         let Some(peer) = self.peers.get_mut(slot as usize).and_then(Option::as_mut) else {
@@ -596,6 +600,14 @@ impl Node {
                 peer.stats.set_endpoint(Some(from));
                 tracing::debug!(peer = %short_key(&peer.public_key), endpoint = %from, "peer endpoint changed");
             }
+            // A responder's session starts with the first data message, so
+            // data is watched too until the first session exists.
+            let (base, base_wall) = self.wall_at;
+            // Before the first tick there is no wall-clock reference yet.
+            if (!is_data || peer.session_established.is_none()) && base_wall != UNIX_EPOCH {
+                let wall = base_wall + now.saturating_duration_since(base);
+                track_handshake(peer, now, wall);
+            }
         }
 
         if let (Some(requester), Some(local)) = (answer_route_request, self.local_v4) {
@@ -631,6 +643,7 @@ impl Node {
             return;
         }
         self.next_tick = now + TIMER_TICK;
+        self.wall_at = (now, wall);
         if now >= self.next_limiter_reset {
             if let Some(identity) = &self.identity {
                 identity.limiter.reset_count();

@@ -560,3 +560,33 @@ fn routes_from_an_untrusted_peer_are_ignored() {
     );
     assert!(client.wire.tun.is_empty());
 }
+
+#[test]
+fn handshake_time_is_reported_without_waiting_for_a_tick() {
+    let mut a = Host::new("198.18.0.2:51820");
+    let mut b = Host::new("198.18.0.1:51820");
+    let (a_pub, b_pub) = (a.public, b.public);
+    let a_sees_b = a.add_peer(B, b_pub, Some(b.addr), &["100.64.0.1/32"]);
+    let b_sees_a = b.add_peer(A, a_pub, None, &["100.64.0.2/32"]);
+    let t0 = Instant::now();
+    tick(&mut a, t0);
+    tick(&mut b, t0);
+    assert_eq!(a_sees_b.last_handshake(), None);
+
+    a.send_ip(&ipv4("100.64.0.2", "100.64.0.1", b"hello"));
+    settle(&mut [&mut a, &mut b]);
+    let recent = |t: Option<SystemTime>| {
+        t.and_then(|t| SystemTime::now().duration_since(t).ok())
+            .is_some_and(|age| age < Duration::from_secs(5))
+    };
+    assert!(
+        recent(a_sees_b.last_handshake()),
+        "initiator: {:?}",
+        a_sees_b.last_handshake()
+    );
+    assert!(
+        recent(b_sees_a.last_handshake()),
+        "responder: {:?}",
+        b_sees_a.last_handshake()
+    );
+}
