@@ -21,9 +21,17 @@
 //! Extra laptops hang off inet on 198.18.N.0/24; a LAN can sit behind any
 //! laptop. Every namespace has forwarding only where the design needs it and
 //! `tcp_mtu_probing` 0, so a PMTU black hole stays a black hole.
+//!
+//! [`GuideNet::new_dual_stack`] adds IPv6 beside every IPv4 address above,
+//! all in fd00::/8: client fd00:1::2/64 (default via inet's fd00:1::1), the
+//! gateway's public fd00:2::10/64 (default via fd00:2::1), the VPC
+//! fd00:64:40::/64 (gateway ::10, router ::1, host ::20, gateway route to
+//! the peered range via ::1), the peered fd00:65:101::/64 (router ::1, db
+//! ::10 with only a route to the VPC range via ::1). The gateway's tunnel
+//! is then 100.64.0.1/24 and fd00:64::1/64 ([`GW_TUNNEL_ADDRS_DUAL`]).
 
 use std::fs;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
@@ -47,11 +55,36 @@ pub const TUNNEL_NET: &str = "100.64.0.0/24";
 /// Third octet of the first laptop's link to inet (198.18.1.0/24).
 pub const CLIENT_NET: u8 = 1;
 
+// The IPv6 side of [`GuideNet::new_dual_stack`].
+pub const GW_PUBLIC6: Ipv6Addr = Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, 0, 0x10);
+pub const GW_ENDPOINT6: &str = "[fd00:2::10]:51820";
+/// inet's end of the gateway's public link.
+pub const INET_GW_SIDE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, 0, 1);
+pub const GW_VPC6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x64, 0x40, 0, 0, 0, 0, 0x10);
+pub const VPC_ROUTER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x64, 0x40, 0, 0, 0, 0, 1);
+pub const VPC_HOST6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x64, 0x40, 0, 0, 0, 0, 0x20);
+pub const DB6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x65, 0x101, 0, 0, 0, 0, 0x10);
+pub const VPC_RANGE6: &str = "fd00:64:40::/64";
+pub const PEERED_RANGE6: &str = "fd00:65:101::/64";
+/// `--address` of a dual-stack gateway: one IPv4 and one IPv6 tunnel address.
+pub const GW_TUNNEL_ADDRS_DUAL: &str = "100.64.0.1/24,fd00:64::1/64";
+pub const TUNNEL_NET6: &str = "fd00:64::/64";
+
 /// `sysctl -qw KEY=VALUE` inside `ns`.
 pub fn sysctl(ns: &Netns, key: &str, value: &str) -> Result<()> {
     ns.exec(&["sysctl", "-qw", &format!("{key}={value}")])
         .map(drop)
         .with_context(|| format!("sysctl {key}={value} in {}", ns.name()))
+}
+
+/// Turns off duplicate address detection for the interfaces created from
+/// now on, link-local addresses included (`nodad` covers only the addresses
+/// we add). While a router's link-local address is tentative, Linux sends no
+/// neighbor solicitation for a packet it forwards, so the packet is lost:
+/// the first WireGuard handshake would vanish in inet.
+fn no_dad(ns: &Netns) -> Result<()> {
+    sysctl(ns, "net.ipv6.conf.all.accept_dad", "0")?;
+    sysctl(ns, "net.ipv6.conf.default.accept_dad", "0")
 }
 
 fn enable_forwarding(ns: &Netns) -> Result<()> {
@@ -71,10 +104,31 @@ pub struct GuideNet {
     pub vpc_switch: Netns,
     pub gw_public_if: String,
     pub gw_vpc_if: String,
+    /// Whether every link also has IPv6 (see the module doc).
+    pub dual_stack: bool,
 }
 
 impl GuideNet {
+    /// The IPv4-only network of the diagram.
     pub fn new() -> Result<GuideNet> {
+        GuideNet::build(false)
+    }
+
+    /// The same network with IPv6 beside IPv4 everywhere (module doc).
+    pub fn new_dual_stack() -> Result<GuideNet> {
+        GuideNet::build(true)
+    }
+
+    fn build(dual_stack: bool) -> Result<GuideNet> {
+        // The addresses of one interface: the IPv4 one, plus the IPv6 one
+        // when dual-stack.
+        let addrs = |v4: &'static str, v6: &'static str| -> Vec<&'static str> {
+            if dual_stack {
+                vec![v4, v6]
+            } else {
+                vec![v4]
+            }
+        };
         let inet = Netns::new("inet")?;
         let gw = Netns::new("gw")?;
         let vpc_switch = Netns::new("vpc")?;
@@ -86,32 +140,52 @@ impl GuideNet {
             // Keep PMTU discovery the only mechanism: no probing around a
             // black hole (0 is the default; this makes it explicit).
             sysctl(ns, "net.ipv4.tcp_mtu_probing", "0")?;
+            if dual_stack {
+                no_dad(ns)?;
+            }
         }
         for ns in [&inet, &gw, &vpcr] {
             enable_forwarding(ns)?;
         }
 
-        let (gw_public_if, _) = veth(&gw, &inet, &["198.18.2.10/24"], &["198.18.2.1/24"])
-            .context("gateway public NIC")?;
+        let (gw_public_if, _) = veth(
+            &gw,
+            &inet,
+            &addrs("198.18.2.10/24", "fd00:2::10/64"),
+            &addrs("198.18.2.1/24", "fd00:2::1/64"),
+        )
+        .context("gateway public NIC")?;
         gw.ip(&["route", "add", "default", "via", "198.18.2.1"])?;
 
         // The VPC subnet is a bridge, so that the gateway, the VPC router
         // and the VPC host share one L2 segment as in a cloud subnet.
         vpc_switch.ip(&["link", "add", "br0", "type", "bridge"])?;
         vpc_switch.ip(&["link", "set", "br0", "up"])?;
-        let attach = |ns: &Netns, addr: &str| -> Result<String> {
-            let (inside, port) = veth(ns, &vpc_switch, &[addr], &[])
+        let attach = |ns: &Netns, addrs: &[&str]| -> Result<String> {
+            let (inside, port) = veth(ns, &vpc_switch, addrs, &[])
                 .with_context(|| format!("VPC link of {}", ns.name()))?;
             vpc_switch.ip(&["link", "set", &port, "master", "br0"])?;
             Ok(inside)
         };
-        let gw_vpc_if = attach(&gw, "198.18.64.10/20")?;
-        attach(&vpcr, "198.18.64.1/20")?;
-        attach(&vpchost, "198.18.64.20/20")?;
+        let gw_vpc_if = attach(&gw, &addrs("198.18.64.10/20", "fd00:64:40::10/64"))?;
+        attach(&vpcr, &addrs("198.18.64.1/20", "fd00:64:40::1/64"))?;
+        attach(&vpchost, &addrs("198.18.64.20/20", "fd00:64:40::20/64"))?;
         gw.ip(&["route", "add", PEERED_RANGE, "via", "198.18.64.1"])?;
 
-        veth(&vpcr, &db, &["198.19.101.1/24"], &["198.19.101.10/24"]).context("peering link")?;
+        veth(
+            &vpcr,
+            &db,
+            &addrs("198.19.101.1/24", "fd00:65:101::1/64"),
+            &addrs("198.19.101.10/24", "fd00:65:101::10/64"),
+        )
+        .context("peering link")?;
         db.ip(&["route", "add", VPC_RANGE, "via", "198.19.101.1"])?;
+
+        if dual_stack {
+            gw.ip(&["-6", "route", "add", "default", "via", "fd00:2::1"])?;
+            gw.ip(&["route", "add", PEERED_RANGE6, "via", "fd00:64:40::1"])?;
+            db.ip(&["route", "add", VPC_RANGE6, "via", "fd00:65:101::1"])?;
+        }
 
         let net = GuideNet {
             inet,
@@ -123,42 +197,60 @@ impl GuideNet {
             vpc_switch,
             gw_public_if,
             gw_vpc_if,
+            dual_stack,
         };
         net.link_laptop(&client, CLIENT_NET)?;
         Ok(net)
     }
 
     fn link_laptop(&self, laptop: &Netns, octet: u8) -> Result<()> {
-        veth(
-            laptop,
-            &self.inet,
-            &[&format!("198.18.{octet}.2/24")],
-            &[&format!("198.18.{octet}.1/24")],
-        )
-        .with_context(|| format!("link of laptop {}", laptop.name()))?;
-        laptop
-            .ip(&[
+        let (mut mine, mut inet) = (
+            vec![format!("198.18.{octet}.2/24")],
+            vec![format!("198.18.{octet}.1/24")],
+        );
+        if self.dual_stack {
+            mine.push(format!("fd00:{octet}::2/64"));
+            inet.push(format!("fd00:{octet}::1/64"));
+        }
+        let mine: Vec<&str> = mine.iter().map(String::as_str).collect();
+        let inet: Vec<&str> = inet.iter().map(String::as_str).collect();
+        veth(laptop, &self.inet, &mine, &inet)
+            .with_context(|| format!("link of laptop {}", laptop.name()))?;
+        laptop.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("198.18.{octet}.1"),
+        ])?;
+        if self.dual_stack {
+            laptop.ip(&[
+                "-6",
                 "route",
                 "add",
                 "default",
                 "via",
-                &format!("198.18.{octet}.1"),
-            ])
-            .map(drop)
+                &format!("fd00:{octet}::1"),
+            ])?;
+        }
+        Ok(())
     }
 
-    /// Another laptop on the internet at 198.18.`octet`.2/24 (not 1, 2, 64-79
-    /// or a LAN's octet).
+    /// Another laptop on the internet at 198.18.`octet`.2/24, and
+    /// fd00:`octet`::2/64 if dual-stack (not 1, 2, 64-79 or a LAN's octet).
     pub fn add_laptop(&self, role: &str, octet: u8) -> Result<Netns> {
         let ns = Netns::new(role)?;
         sysctl(&ns, "net.ipv4.tcp_mtu_probing", "0")?;
+        if self.dual_stack {
+            no_dad(&ns)?;
+        }
         self.link_laptop(&ns, octet)?;
         Ok(ns)
     }
 
     /// A LAN host behind `router` (a laptop): 198.18.`octet`.2/24, default
-    /// via `router` at 198.18.`octet`.1, link MTU 1500. Turns on forwarding
-    /// in `router`.
+    /// via `router` at 198.18.`octet`.1, link MTU 1500, IPv4 only. Turns on
+    /// forwarding in `router`.
     pub fn add_lan(&self, router: &Netns, role: &str, octet: u8) -> Result<Netns> {
         let lan = Netns::new(role)?;
         sysctl(&lan, "net.ipv4.tcp_mtu_probing", "0")?;
@@ -228,7 +320,7 @@ impl GuideNet {
 }
 
 /// The sum of the packet counters of one nftables chain.
-fn nft_counters(ns: &Netns, family: &str, table: &str, chain: &str) -> Result<u64> {
+pub fn nft_counters(ns: &Netns, family: &str, table: &str, chain: &str) -> Result<u64> {
     let out = ns.exec(&["nft", "list", "chain", family, table, chain])?;
     let mut total = 0;
     for line in out.lines().filter(|l| l.contains("counter packets")) {
@@ -336,6 +428,8 @@ pub struct Status {
     pub mss_clamp: bool,
     pub warnings: Vec<String>,
     pub peers: Vec<PeerInfo>,
+    /// Packets dropped, by reason (`not_advertised`, ...).
+    pub drops: Vec<(String, u64)>,
     pub json: serde_json::Value,
 }
 
@@ -365,8 +459,17 @@ impl Status {
                     allowed_ips: p.allowed_ips,
                 })
                 .collect(),
+            drops: s.drops,
             json,
         })
+    }
+
+    /// The drop counter for `reason`; `None` if status does not list it.
+    pub fn dropped(&self, reason: &str) -> Option<u64> {
+        self.drops
+            .iter()
+            .find(|(r, _)| r == reason)
+            .map(|(_, n)| *n)
     }
 
     pub fn peer_named(&self, name: &str) -> Option<&PeerInfo> {
@@ -460,6 +563,16 @@ impl ClientConf {
             .iter()
             .find_map(|a| a.split('/').next()?.parse::<Ipv4Addr>().ok())
             .with_context(|| format!("no IPv4 Address in [Interface]: {addrs:?}"))?;
+        Ok(a)
+    }
+
+    /// The IPv6 `Address` of `[Interface]`, without its prefix length.
+    pub fn address6(&self) -> Result<Ipv6Addr> {
+        let addrs = self.interface("Address");
+        let a = addrs
+            .iter()
+            .find_map(|a| a.split('/').next()?.parse::<Ipv6Addr>().ok())
+            .with_context(|| format!("no IPv6 Address in [Interface]: {addrs:?}"))?;
         Ok(a)
     }
 
@@ -645,8 +758,17 @@ impl Guide {
     /// The network with vpcgated running on the gateway at 100.64.0.1/24,
     /// nothing set through the CLI yet.
     pub fn with_unconfigured_gateway() -> Result<Guide> {
-        let net = GuideNet::new()?;
-        let dev = WgDev::vpcgated(&net.gw, "g", &VpcgatedConfig::new(GW_PORT, GW_TUNNEL_ADDR))
+        Guide::start_gateway(GuideNet::new()?, GW_TUNNEL_ADDR)
+    }
+
+    /// The dual-stack network with vpcgated running on the gateway at
+    /// [`GW_TUNNEL_ADDRS_DUAL`], nothing set through the CLI yet.
+    pub fn dual_stack_with_unconfigured_gateway() -> Result<Guide> {
+        Guide::start_gateway(GuideNet::new_dual_stack()?, GW_TUNNEL_ADDRS_DUAL)
+    }
+
+    fn start_gateway(net: GuideNet, address: &str) -> Result<Guide> {
+        let dev = WgDev::vpcgated(&net.gw, "g", &VpcgatedConfig::new(GW_PORT, address))
             .context("starting vpcgated on the gateway")?;
         let ctl = Vpcgate::for_dev(&dev)?;
         let public_key = dev.public_key()?;

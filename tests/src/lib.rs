@@ -15,10 +15,11 @@ mod wg;
 
 pub use flows::{tcp_download, tcp_reachable, Download, EchoSession};
 pub use guide::{
-    sock, sysctl, wg_quick_strip, write_wg_quick_conf, ClientConf, Gateway, Guide, GuideNet,
-    PeerInfo, RouteView, Status, Vpcgate, VpcgateLaptop, WgQuick, CLIENT_NET, DB, GW_ENDPOINT,
-    GW_PORT, GW_PUBLIC, GW_TUNNEL_ADDR, GW_VPC, PEERED_RANGE, TUNNEL_NET, VPC_HOST, VPC_RANGE,
-    VPC_ROUTER,
+    nft_counters, sock, sysctl, wg_quick_strip, write_wg_quick_conf, ClientConf, Gateway, Guide,
+    GuideNet, PeerInfo, RouteView, Status, Vpcgate, VpcgateLaptop, WgQuick, CLIENT_NET, DB, DB6,
+    GW_ENDPOINT, GW_ENDPOINT6, GW_PORT, GW_PUBLIC, GW_PUBLIC6, GW_TUNNEL_ADDR,
+    GW_TUNNEL_ADDRS_DUAL, GW_VPC, GW_VPC6, INET_GW_SIDE6, PEERED_RANGE, PEERED_RANGE6, TUNNEL_NET,
+    TUNNEL_NET6, VPC_HOST, VPC_HOST6, VPC_RANGE, VPC_RANGE6, VPC_ROUTER, VPC_ROUTER6,
 };
 
 pub use netns::{require_root, unique_ifname, veth, wait_until, Netns, Proc};
