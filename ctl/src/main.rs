@@ -21,6 +21,9 @@ struct Cli {
     /// The daemon's control socket.
     #[arg(long, global = true, env = proto::SOCKET_ENV, default_value = proto::DEFAULT_SOCKET)]
     socket: PathBuf,
+    /// Print JSON instead of text, for scripts.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -28,11 +31,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Show the node's key, port, routes, peers and drop counters.
-    Status {
-        /// Print JSON instead of text.
-        #[arg(long)]
-        json: bool,
-    },
+    Status,
     /// Replace the ranges this gateway advertises (CIDRs separated by commas
     /// and/or spaces); with none, print them.
     AdvertiseRoutes {
@@ -44,8 +43,6 @@ enum Cmd {
         /// Allow a default route (0.0.0.0/0 or ::/0): clients send all traffic here.
         #[arg(long)]
         exit_node: bool,
-        #[arg(long)]
-        json: bool,
     },
     /// Change settings; each is validated, saved and applied live.
     Set(SetArgs),
@@ -54,6 +51,10 @@ enum Cmd {
     Peer(PeerCmd),
     /// Print the version.
     Version,
+    /// Generate a private key (base64), as `wg genkey` does.
+    Genkey,
+    /// Read a private key on stdin and print its public key, as `wg pubkey` does.
+    Pubkey,
     /// Decode a QR code printed by `--qr` from stdin (for tests).
     #[command(hide = true)]
     QrDecode,
@@ -71,8 +72,15 @@ struct SetArgs {
     /// HOST:PORT that client configs point at (this VM's public address).
     #[arg(long)]
     public_endpoint: Option<String>,
+    /// UDP port to listen on (0 picks a free one).
     #[arg(long)]
-    json: bool,
+    listen_port: Option<u16>,
+    /// This node's tunnel address(es): one IPv4 and/or one IPv6 CIDR, comma-separated.
+    #[arg(long)]
+    address: Option<String>,
+    /// MTU of the tunnel interface (1280-65535).
+    #[arg(long)]
+    mtu: Option<u32>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -100,18 +108,13 @@ enum PeerCmd {
         #[arg(long, requires = "accept_routes")]
         accept_default_route: bool,
         /// Print the client config as a QR code, for the mobile apps.
-        #[arg(long, conflicts_with = "json")]
-        qr: bool,
         #[arg(long)]
-        json: bool,
+        qr: bool,
     },
     /// Remove a peer.
     Remove { name: String },
     /// List peers.
-    List {
-        #[arg(long)]
-        json: bool,
-    },
+    List,
     /// Print a generated peer's client config again, with the current routes.
     Config {
         name: String,
@@ -192,6 +195,7 @@ fn print_status(status: &Status) {
     println!("  public key: {}", status.public_key);
     println!("  listening port: {}", status.listen_port);
     println!("  address: {}", status.addresses.join(", "));
+    println!("  mtu: {}", status.mtu);
     if let Some(endpoint) = &status.public_endpoint {
         println!("  public endpoint: {endpoint}");
     }
@@ -240,16 +244,73 @@ fn print_config(config: &str, as_qr: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prints a message: as `{"message": …}` on stdout with --json, else on stderr.
+fn report(message: &str, json: bool) -> anyhow::Result<()> {
+    if json {
+        print_json(&serde_json::json!({ "message": message }))
+    } else {
+        eprintln!("{message}");
+        Ok(())
+    }
+}
+
+fn genkey() -> String {
+    use base64::Engine;
+    use rand_core::RngCore;
+    let mut bytes = zeroize::Zeroizing::new([0u8; 32]);
+    rand_core::OsRng.fill_bytes(&mut bytes[..]);
+    // Clamped as `wg genkey` does.
+    bytes[0] &= 248;
+    bytes[31] = (bytes[31] & 127) | 64;
+    base64::engine::general_purpose::STANDARD.encode(&bytes[..])
+}
+
+fn pubkey(private: &str) -> anyhow::Result<String> {
+    use base64::Engine;
+    let engine = base64::engine::general_purpose::STANDARD;
+    let bytes = zeroize::Zeroizing::new(engine.decode(private.trim()).map_err(|_| {
+        anyhow::anyhow!("stdin is not a base64 private key (as `vpcgate genkey` prints)")
+    })?);
+    let key: [u8; 32] = bytes
+        .as_slice()
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("stdin is not a 32-byte private key"))?;
+    let secret = x25519_dalek::StaticSecret::from(key);
+    Ok(engine.encode(x25519_dalek::PublicKey::from(&secret).as_bytes()))
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     let socket = &cli.socket;
+    let json = cli.json;
     match cli.command {
+        Cmd::Version if json => {
+            print_json(&serde_json::json!({ "version": env!("CARGO_PKG_VERSION") }))?
+        }
         Cmd::Version => println!("vpcgate {}", env!("CARGO_PKG_VERSION")),
+        Cmd::Genkey => {
+            let key = zeroize::Zeroizing::new(genkey());
+            if json {
+                print_json(&serde_json::json!({ "private_key": *key }))?;
+            } else {
+                println!("{}", *key);
+            }
+        }
+        Cmd::Pubkey => {
+            let mut private = zeroize::Zeroizing::new(String::new());
+            std::io::stdin().read_to_string(&mut private)?;
+            let public = pubkey(&private)?;
+            if json {
+                print_json(&serde_json::json!({ "public_key": public }))?;
+            } else {
+                println!("{public}");
+            }
+        }
         Cmd::QrDecode => {
             let mut text = String::new();
             std::io::stdin().read_to_string(&mut text)?;
             print!("{}", qr::decode_rendered(&text)?);
         }
-        Cmd::Status { json } => match request(socket, &Request::Status)? {
+        Cmd::Status => match request(socket, &Request::Status)? {
             Response::Status(status) if json => print_json(&status)?,
             Response::Status(status) => print_status(&status),
             other => return Err(unexpected(other)),
@@ -258,7 +319,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             routes,
             clear,
             exit_node,
-            json,
         } => {
             let req = if clear || !routes.is_empty() {
                 Request::AdvertiseRoutes { routes, exit_node }
@@ -286,12 +346,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 snat: args.snat,
                 mss_clamp: args.mss_clamp,
                 public_endpoint: args.public_endpoint,
+                listen_port: args.listen_port,
+                address: args.address.map(|a| vec![a]),
+                mtu: args.mtu,
             };
             match request(socket, &Request::Set(options))? {
-                Response::Done { message } if args.json => {
-                    print_json(&serde_json::json!({ "message": message }))?
-                }
-                Response::Done { message } => eprintln!("{message}"),
+                Response::Done { message } => report(&message, json)?,
                 other => return Err(unexpected(other)),
             }
         }
@@ -304,8 +364,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             accept_routes,
             accept_default_route,
             qr,
-            json,
         }) => {
+            if qr && json {
+                bail!("--qr and --json cannot be combined");
+            }
             let add = PeerAdd {
                 name,
                 public_key,
@@ -344,11 +406,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Peer(PeerCmd::Remove { name }) => {
             match request(socket, &Request::PeerRemove { name })? {
-                Response::Done { message } => eprintln!("{message}"),
+                Response::Done { message } => report(&message, json)?,
                 other => return Err(unexpected(other)),
             }
         }
-        Cmd::Peer(PeerCmd::List { json }) => match request(socket, &Request::PeerList)? {
+        Cmd::Peer(PeerCmd::List) => match request(socket, &Request::PeerList)? {
             Response::Peers { peers } if json => print_json(&peers)?,
             Response::Peers { peers } => {
                 for (i, peer) in peers.iter().enumerate() {
@@ -362,6 +424,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         },
         Cmd::Peer(PeerCmd::Config { name, qr }) => {
             match request(socket, &Request::PeerConfig { name })? {
+                Response::PeerConfig { config } if json => {
+                    print_json(&serde_json::json!({ "config": config }))?
+                }
                 Response::PeerConfig { config } => print_config(&config, qr)?,
                 other => return Err(unexpected(other)),
             }
@@ -377,5 +442,42 @@ fn main() -> ExitCode {
             eprintln!("vpcgate: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+
+    fn b64_of_hex(hex: &str) -> String {
+        let bytes: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+            .collect();
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    }
+
+    #[test]
+    fn pubkey_matches_rfc7748() {
+        // RFC 7748 section 6.1, Alice.
+        let private =
+            b64_of_hex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a");
+        let public = b64_of_hex("8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a");
+        assert_eq!(pubkey(&format!("{private}\n")).expect("valid"), public);
+    }
+
+    #[test]
+    fn genkey_is_clamped_and_pubkey_refuses_garbage() {
+        let key = genkey();
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(&key)
+            .expect("base64");
+        assert_eq!(bytes.len(), 32);
+        assert_eq!(bytes[0] & 7, 0);
+        assert_eq!(bytes[31] & 0xc0, 0x40);
+        assert!(pubkey(&key).is_ok());
+        assert!(pubkey("not a key").is_err());
+        assert!(pubkey("AAAA").is_err());
     }
 }

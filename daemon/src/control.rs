@@ -8,14 +8,18 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use vpcgate_proto::{self as proto, Request, Response};
 
+use crate::access::Access;
 use crate::daemon::Daemon;
 
 /// A client that stalls mid-frame is dropped after this long.
 const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
+pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>, access: Access) {
     loop {
         match listener.accept().await {
+            Ok((stream, _)) if !access.allows(std::os::fd::AsFd::as_fd(&stream)) => {
+                tracing::warn!("refused a control connection from an unauthorised user");
+            }
             Ok((stream, _)) => {
                 let daemon = daemon.clone();
                 tokio::spawn(async move {

@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -49,7 +49,11 @@ pub struct Options {
     pub socket: PathBuf,
     pub listen_port: Option<u16>,
     pub addresses: Option<Vec<IpNet>>,
-    pub mtu: u32,
+    pub mtu: Option<u32>,
+    /// Group allowed on the control socket besides root.
+    pub socket_group: Option<String>,
+    /// Serve Prometheus metrics here (off when None).
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Everything a change may touch, behind one lock.
@@ -64,7 +68,6 @@ struct Inner {
 pub struct Daemon {
     interface: String,
     tun_index: u32,
-    mtu: u32,
     netlink: Netlink,
     inner: Mutex<Inner>,
     state: StateDir,
@@ -109,9 +112,9 @@ fn forward_table(settings: &Settings) -> RouteTable<()> {
     )
 }
 
-fn mss_change(settings: &Settings, mtu: u32) -> Change {
+fn mss_change(settings: &Settings) -> Change {
     if settings.mss_clamp {
-        let (v4, v6) = mss_for_mtu(u16::try_from(mtu).unwrap_or(u16::MAX));
+        let (v4, v6) = mss_for_mtu(u16::try_from(settings.mtu).unwrap_or(u16::MAX));
         Change::SetMssClamp(v4, v6)
     } else {
         Change::SetMssClamp(0, 0)
@@ -388,15 +391,73 @@ impl Daemon {
         if let Some(mss) = options.mss_clamp {
             settings.mss_clamp = mss;
         }
+        if let Some(mtu) = options.mtu {
+            if !(1280..=65535).contains(&mtu) {
+                return Err(format!(
+                    "MTU {mtu} is out of range: use 1280 to 65535 (IPv6 needs at least 1280)"
+                ));
+            }
+            settings.mtu = mtu;
+        }
+        if let Some(list) = &options.address {
+            let mut addresses = Vec::new();
+            for text in subnet::split_list(list) {
+                addresses.push(text.parse::<IpNet>().map_err(|_| {
+                    format!("{text:?} is not an address with a prefix length, e.g. 100.64.0.1/24")
+                })?);
+            }
+            validate_addresses(&addresses)?;
+            if let Some(clash) = settings
+                .advertised_routes
+                .iter()
+                .find(|r| addresses.iter().any(|a| subnet::overlaps(&a.trunc(), r)))
+            {
+                return Err(format!(
+                    "the tunnel network would overlap the advertised route {clash}; change the advertised routes first"
+                ));
+            }
+            settings.addresses = addresses;
+        }
+        let sockets = match options.listen_port {
+            Some(port) if port != inner.config.listen_port => {
+                Some(UdpSockets::bind(port, inner.config.fwmark).map_err(|e| {
+                    format!("cannot listen on UDP port {port}: {e}; nothing was changed")
+                })?)
+            }
+            _ => None,
+        };
+        if let Some(sockets) = &sockets {
+            settings.listen_port = sockets.port;
+        }
         self.commit_settings(&mut inner, settings).await?;
+        if let Some(sockets) = sockets {
+            inner.config.listen_port = sockets.port;
+            self.dataplane.send(Command::Sockets(sockets));
+            self.dataplane.barrier().await;
+        }
         let s = &inner.settings;
-        tracing::info!(snat = s.snat, mss_clamp = s.mss_clamp, public_endpoint = ?s.public_endpoint, "settings applied");
+        tracing::info!(
+            snat = s.snat,
+            mss_clamp = s.mss_clamp,
+            public_endpoint = ?s.public_endpoint,
+            listen_port = s.listen_port,
+            addresses = ?s.addresses,
+            mtu = s.mtu,
+            "settings applied"
+        );
         Ok(Response::Done {
             message: format!(
-                "snat {}, mss-clamp {}, public endpoint {}",
+                "snat {}, mss-clamp {}, public endpoint {}, listen port {}, address {}, mtu {}",
                 if s.snat { "on" } else { "off" },
                 if s.mss_clamp { "on" } else { "off" },
-                s.public_endpoint.as_deref().unwrap_or("(not set)")
+                s.public_endpoint.as_deref().unwrap_or("(not set)"),
+                s.listen_port,
+                s.addresses
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+                s.mtu,
             ),
         })
     }
@@ -423,20 +484,30 @@ impl Daemon {
         if nat_changed {
             inner.nat_error = None;
         }
-        let advertised_changed = settings.advertised_routes != inner.settings.advertised_routes;
-        let mss_changed = settings.mss_clamp != inner.settings.mss_clamp;
-        inner.settings = settings;
-        let mut changes = Vec::new();
-        if advertised_changed {
-            changes.push(Change::SetAdvertised(
-                inner.settings.advertised_routes.clone(),
-            ));
+        let old = std::mem::replace(&mut inner.settings, settings);
+        let new = &inner.settings;
+        let scope_changed =
+            new.advertised_routes != old.advertised_routes || new.addresses != old.addresses;
+        if new.addresses != old.addresses || new.mtu != old.mtu {
+            // Saved already: a netlink failure here is reported, and the
+            // next start applies the saved values.
+            self.netlink
+                .configure_all(self.tun_index, &new.addresses, new.mtu)
+                .await
+                .map_err(|e| format!("saved, but the interface could not be updated: {e}"))?;
         }
-        if mss_changed {
-            changes.push(mss_change(&inner.settings, self.mtu));
+        let mut changes = Vec::new();
+        if new.advertised_routes != old.advertised_routes {
+            changes.push(Change::SetAdvertised(new.advertised_routes.clone()));
+        }
+        if new.mss_clamp != old.mss_clamp || new.mtu != old.mtu {
+            changes.push(mss_change(new));
+        }
+        if new.addresses != old.addresses {
+            changes.push(Change::SetLocalAddress(local_v4(new)));
         }
         self.dataplane.apply(changes).await;
-        if advertised_changed {
+        if scope_changed {
             self.publish(inner, None);
         }
         Ok(())
@@ -618,7 +689,7 @@ impl Daemon {
         Ok(ClientConfig {
             private_key: &private,
             addresses: &peer.allowed_ips,
-            mtu: self.mtu,
+            mtu: inner.settings.mtu,
             gateway_public_key: &b64(&gateway),
             endpoint,
             allowed_ips: &allowed,
@@ -691,6 +762,85 @@ impl Daemon {
         tracing::info!(peer = %name, routes = %listed.join(","), "accepted routes changed");
     }
 
+    pub async fn metrics_sample(&self) -> crate::metrics::Sample {
+        let inner = self.inner.lock().await;
+        crate::metrics::Sample {
+            peers: inner
+                .config
+                .peers
+                .iter()
+                .map(|p| crate::metrics::PeerSample {
+                    name: p.name.clone(),
+                    public_key: b64(&p.public_key.0),
+                    rx_bytes: p.stats.rx_bytes(),
+                    tx_bytes: p.stats.tx_bytes(),
+                    last_handshake: p.stats.last_handshake(),
+                })
+                .collect(),
+            drops: DropReason::ALL
+                .iter()
+                .map(|r| (r.as_str(), self.counters.get(*r)))
+                .collect(),
+            advertised_routes: inner.settings.advertised_routes.len(),
+            accepted_routes: inner.config.peers.iter().map(|p| p.learned.len()).sum(),
+        }
+    }
+
+    /// SIGHUP: re-reads the settings and peers files and applies what
+    /// changed. Peers whose key is unchanged keep their sessions.
+    pub async fn reload(&self) -> Result<(), String> {
+        let settings = self.state.load_settings().map_err(|e| e.to_string())?;
+        let stored = self.state.load_peers().map_err(|e| e.to_string())?;
+        let mut inner = self.inner.lock().await;
+        let mut fresh = DeviceConfig::new(None, inner.config.listen_port);
+        restore_peers(&mut fresh, &stored, &self.state.path("peers.json"))
+            .map_err(|e| e.to_string())?;
+        let (next, plan) = inner
+            .config
+            .transform(|next, _| {
+                next.peers
+                    .retain(|p| fresh.peers.iter().any(|f| f.public_key == p.public_key));
+                for f in fresh.peers {
+                    match next.peers.iter_mut().find(|p| p.public_key == f.public_key) {
+                        Some(p) => {
+                            p.name = f.name;
+                            p.client_private_key = f.client_private_key;
+                            p.preshared_key = f.preshared_key;
+                            p.endpoint = f.endpoint;
+                            p.persistent_keepalive = f.persistent_keepalive;
+                            p.allowed_ips = f.allowed_ips;
+                            p.accept_routes = f.accept_routes;
+                            p.accept_default_route = f.accept_default_route;
+                        }
+                        None => {
+                            let p = next.push_peer(f.public_key.clone())?;
+                            p.name = f.name;
+                            p.client_private_key = f.client_private_key;
+                            p.preshared_key = f.preshared_key;
+                            p.endpoint = f.endpoint;
+                            p.stats.set_endpoint(f.endpoint);
+                            p.persistent_keepalive = f.persistent_keepalive;
+                            p.allowed_ips = f.allowed_ips;
+                            p.accept_routes = f.accept_routes;
+                            p.accept_default_route = f.accept_default_route;
+                        }
+                    }
+                }
+                Ok::<_, Errno>(())
+            })
+            .map_err(|e| format!("cannot apply the reloaded peers: {e}"))?;
+        let peer_count = next.peers.len();
+        self.execute(&inner, plan, peer_count).await;
+        inner.config = next;
+        if let Some(mut settings) = settings {
+            // The port and addresses in use stay; `vpcgate set` changes them.
+            settings.listen_port = inner.settings.listen_port;
+            self.commit_settings(&mut inner, settings).await?;
+        }
+        tracing::info!(peers = peer_count, "reloaded settings and peers");
+        Ok(())
+    }
+
     async fn status(&self) -> Status {
         let inner = self.inner.lock().await;
         let settings = &inner.settings;
@@ -714,6 +864,7 @@ impl Daemon {
                 .map(ToString::to_string)
                 .unwrap_or_default(),
             addresses: settings.addresses.iter().map(ToString::to_string).collect(),
+            mtu: settings.mtu,
             public_endpoint: settings.public_endpoint.clone(),
             advertised_routes: settings
                 .advertised_routes
@@ -758,13 +909,16 @@ fn peer_status(p: &PeerConfig) -> PeerStatus {
 
 /// Creates the listening socket at `path`, replacing a stale socket file but
 /// refusing to take over one that a live process still answers on.
-pub fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
+pub fn bind_unix(path: &Path, group: Option<nix::unistd::Gid>) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent().filter(|d| !d.exists()) {
         std::fs::DirBuilder::new()
             .recursive(true)
-            .mode(0o755)
             .create(dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
+        // Our umask would make it 0700; the socket's own mode is the gate,
+        // so the directory must let a --socket-group member through.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("cannot set the mode of {}", dir.display()))?;
     }
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
@@ -784,7 +938,15 @@ pub fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
     }
     let listener =
         UnixListener::bind(path).with_context(|| format!("cannot bind {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+    let mode = match group {
+        Some(gid) => {
+            nix::unistd::chown(path, None, Some(gid))
+                .with_context(|| format!("cannot give {} to group {gid}", path.display()))?;
+            0o660
+        }
+        None => 0o600,
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("cannot restrict {}", path.display()))?;
     Ok(listener)
 }
@@ -871,6 +1033,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     if let Some(port) = options.listen_port {
         settings.listen_port = port;
     }
+    if let Some(mtu) = options.mtu {
+        settings.mtu = mtu;
+    }
     validate_addresses(&settings.addresses).map_err(anyhow::Error::msg)?;
     let tunnel = tunnel_networks(&settings);
     if let Some(clash) = settings
@@ -885,16 +1050,31 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let uapi_path = crate::uapi::socket_path(&options.interface);
     // Claim both sockets before touching the network, so a second instance
     // fails without disturbing the first.
-    let uapi_listener = bind_unix(&uapi_path)?;
+    let socket_group = options
+        .socket_group
+        .as_deref()
+        .map(crate::access::resolve_group)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let uapi_listener = bind_unix(&uapi_path, None)?;
     let _uapi_file = SocketFile::new(&uapi_path);
-    let control_listener = bind_unix(&options.socket)?;
+    let control_listener = bind_unix(&options.socket, socket_group)?;
     let _control_file = SocketFile::new(&options.socket);
+
+    let metrics_listener = match options.metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot serve metrics on {addr}"))?,
+        ),
+        None => None,
+    };
 
     let tun = create_tun(&options.interface)?;
     let netlink = Netlink::connect().context("cannot open netlink")?;
     let tun_index = netlink.link_index(&options.interface).await?;
     netlink
-        .configure_all(tun_index, &settings.addresses, options.mtu)
+        .configure_all(tun_index, &settings.addresses, settings.mtu)
         .await
         .with_context(|| format!("cannot configure {}", options.interface))?;
 
@@ -934,13 +1114,12 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     plan.before_table.extend([
         Change::SetLocalAddress(local_v4(&settings)),
         Change::SetAdvertised(settings.advertised_routes.clone()),
-        mss_change(&settings, options.mtu),
+        mss_change(&settings),
     ]);
     let peer_count = config.peers.len();
     let daemon = Arc::new(Daemon {
         interface: options.interface.clone(),
         tun_index,
-        mtu: options.mtu,
         netlink,
         inner: Mutex::new(Inner {
             config: DeviceConfig::new(None, port),
@@ -960,7 +1139,13 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     }
 
     let uapi_task = tokio::spawn(crate::uapi::serve(uapi_listener, daemon.clone()));
-    let control_task = tokio::spawn(crate::control::serve(control_listener, daemon.clone()));
+    let control_task = tokio::spawn(crate::control::serve(
+        control_listener,
+        daemon.clone(),
+        crate::access::Access {
+            group: socket_group,
+        },
+    ));
     let events_task = tokio::spawn({
         let daemon = daemon.clone();
         async move {
@@ -973,26 +1158,57 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             }
         }
     });
+    let metrics_task = tokio::spawn({
+        let daemon = daemon.clone();
+        async move {
+            if let Some(listener) = metrics_listener {
+                crate::metrics::serve(listener, daemon).await;
+            }
+        }
+    });
+    let watchdog_task = tokio::spawn(watchdog(daemon.dataplane.heartbeat.clone()));
     tracing::info!(
         interface = %options.interface,
         addresses = ?settings.addresses,
         port,
         peers = peer_count,
         public_key = %daemon.status().await.public_key,
+        metrics = ?options.metrics_listen,
         "vpcgated is up"
     );
+    // The data path is running and every socket is served: tell systemd.
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let outcome = tokio::select! {
-        _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); Ok(()) }
-        _ = int.recv() => { tracing::info!("SIGINT: shutting down"); Ok(()) }
-        result = &mut exit_rx => match result {
-            Ok(Err(e)) => Err(anyhow::Error::from(e).context("the data path failed")),
-            _ => Err(anyhow::anyhow!("the data path stopped unexpectedly")),
-        },
+    let mut hup = signal(SignalKind::hangup())?;
+    let outcome = loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break Ok(()) }
+            _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break Ok(()) }
+            _ = hup.recv() => {
+                let mut states = vec![sd_notify::NotifyState::Reloading];
+                states.extend(sd_notify::NotifyState::monotonic_usec_now().ok());
+                let _ = sd_notify::notify(&states);
+                if let Err(e) = daemon.reload().await {
+                    tracing::error!("reload failed, nothing changed: {e}");
+                }
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+            }
+            result = &mut exit_rx => break match result {
+                Ok(Err(e)) => Err(anyhow::Error::from(e).context("the data path failed")),
+                _ => Err(anyhow::anyhow!("the data path stopped unexpectedly")),
+            },
+        }
     };
-    for task in [uapi_task, control_task, events_task] {
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    for task in [
+        uapi_task,
+        control_task,
+        events_task,
+        metrics_task,
+        watchdog_task,
+    ] {
         task.abort();
         let _ = task.await;
     }
@@ -1006,6 +1222,29 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         Err(_) => tracing::warn!("control tasks still hold the daemon; exiting anyway"),
     }
     outcome
+}
+
+/// Feeds systemd's watchdog while the data-path loop keeps turning. The loop
+/// wakes at least every timer tick, so a heartbeat that stands still means
+/// it is stuck, and systemd should restart us.
+async fn watchdog(heartbeat: Arc<std::sync::atomic::AtomicU64>) {
+    let Some(interval) = sd_notify::watchdog_enabled() else {
+        return;
+    };
+    let mut last = heartbeat.load(std::sync::atomic::Ordering::Relaxed);
+    loop {
+        tokio::time::sleep(interval / 2).await;
+        let now = heartbeat.load(std::sync::atomic::Ordering::Relaxed);
+        if now != last {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+        } else {
+            tracing::error!(
+                "the data path has not turned for {:?}; not feeding the watchdog",
+                interval / 2
+            );
+        }
+        last = now;
+    }
 }
 
 #[cfg(test)]

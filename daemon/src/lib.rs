@@ -5,11 +5,13 @@
 //! started and stopped by [`daemon`]. ARCHITECTURE.md at the repository root
 //! has the diagram and the thread map.
 
+pub mod access;
 pub mod config;
 pub mod control;
 pub mod core;
 pub mod daemon;
 pub mod dataplane;
+pub mod metrics;
 pub mod nat;
 pub mod netlink;
 pub mod state;

@@ -29,9 +29,16 @@ struct Args {
     /// comma-separated [default: the saved ones, else 100.64.0.1/24].
     #[arg(long, value_delimiter = ',')]
     address: Option<Vec<IpNet>>,
-    /// MTU of the TUN interface.
-    #[arg(long, default_value_t = daemon::DEFAULT_MTU, value_parser = clap::value_parser!(u32).range(1280..=65535))]
-    mtu: u32,
+    /// MTU of the TUN interface [default: the saved one, else 1420].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1280..=65535))]
+    mtu: Option<u32>,
+    /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9586 (off by default).
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// Let members of this group use the control socket (mode 0660);
+    /// otherwise it is root-only.
+    #[arg(long)]
+    socket_group: Option<String>,
     /// Log level (error, warn, info, debug, trace) or a tracing filter.
     /// Overrides VPCGATE_LOG.
     #[arg(long)]
@@ -97,6 +104,8 @@ fn main() -> ExitCode {
         listen_port: args.listen_port,
         addresses: args.address,
         mtu: args.mtu,
+        socket_group: args.socket_group,
+        metrics_listen: args.metrics_listen,
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

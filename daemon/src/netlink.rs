@@ -18,6 +18,9 @@ pub enum NetlinkError {
     },
 }
 
+/// Learned routes get this metric, above the kernel's connected routes.
+const LEARNED_ROUTE_METRIC: u32 = 100;
+
 pub struct Netlink {
     handle: Handle,
 }
@@ -46,13 +49,18 @@ impl Netlink {
         }
     }
 
-    async fn set_address(&self, index: u32, address: IpNet) -> Result<(), NetlinkError> {
+    /// Makes the link carry exactly `addresses` (besides the IPv6
+    /// link-local address the kernel assigns itself): missing ones are
+    /// added, others removed, and ones already present are left alone.
+    async fn set_addresses(&self, index: u32, addresses: &[IpNet]) -> Result<(), NetlinkError> {
+        use netlink_packet_route::address::{AddressAttribute, AddressScope};
         let mut existing = self
             .handle
             .address()
             .get()
             .set_link_index_filter(index)
             .execute();
+        let mut present = Vec::new();
         let mut stale = Vec::new();
         while let Some(msg) = existing
             .try_next()
@@ -62,14 +70,16 @@ impl Netlink {
                 source,
             })?
         {
-            let same_family = match address {
-                IpNet::V4(_) => msg.header.family == netlink_packet_route::AddressFamily::Inet,
-                IpNet::V6(_) => msg.header.family == netlink_packet_route::AddressFamily::Inet6,
-            };
-            // Keep IPv6 link-local addresses the kernel assigns itself.
-            let link_local = msg.header.scope == netlink_packet_route::address::AddressScope::Link;
-            if same_family && !link_local {
-                stale.push(msg);
+            if msg.header.scope == AddressScope::Link {
+                continue;
+            }
+            let addr = msg.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Address(ip) => IpNet::new(*ip, msg.header.prefix_len).ok(),
+                _ => None,
+            });
+            match addr {
+                Some(net) if addresses.contains(&net) => present.push(net),
+                _ => stale.push(msg),
             }
         }
         for msg in stale {
@@ -83,22 +93,19 @@ impl Netlink {
                     source,
                 })?;
         }
-        self.handle
-            .address()
-            .add(index, address.addr(), address.prefix_len())
-            .execute()
-            .await
-            .map_err(|source| NetlinkError::Request {
-                what: "adding the tunnel address",
-                source,
-            })
+        for address in addresses.iter().filter(|a| !present.contains(a)) {
+            self.handle
+                .address()
+                .add(index, address.addr(), address.prefix_len())
+                .execute()
+                .await
+                .map_err(|source| NetlinkError::Request {
+                    what: "adding the tunnel address",
+                    source,
+                })?;
+        }
+        Ok(())
     }
-}
-
-/// Learned routes get this metric, above the kernel's connected routes.
-const LEARNED_ROUTE_METRIC: u32 = 100;
-
-impl Netlink {
     /// Configures every tunnel address (one per family) on the link.
     pub async fn configure_all(
         &self,
@@ -106,9 +113,7 @@ impl Netlink {
         addresses: &[IpNet],
         mtu: u32,
     ) -> Result<(), NetlinkError> {
-        for address in addresses {
-            self.set_address(index, *address).await?;
-        }
+        self.set_addresses(index, addresses).await?;
         self.set_mtu_up(index, mtu).await
     }
 

@@ -57,10 +57,16 @@ pub struct Settings {
     /// HOST:PORT that client configs point at.
     #[serde(default)]
     pub public_endpoint: Option<String>,
+    #[serde(default = "default_mtu")]
+    pub mtu: u32,
 }
 
 fn enabled() -> bool {
     true
+}
+
+fn default_mtu() -> u32 {
+    crate::daemon::DEFAULT_MTU
 }
 
 impl Settings {
@@ -73,6 +79,7 @@ impl Settings {
             snat: true,
             mss_clamp: true,
             public_endpoint: None,
+            mtu: default_mtu(),
         }
     }
 }

@@ -54,6 +54,13 @@ pub struct SetOptions {
     /// HOST:PORT that client configs point at.
     #[serde(default)]
     pub public_endpoint: Option<String>,
+    #[serde(default)]
+    pub listen_port: Option<u16>,
+    /// This node's tunnel addresses, one IPv4 and/or one IPv6.
+    #[serde(default)]
+    pub address: Option<Vec<String>>,
+    #[serde(default)]
+    pub mtu: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -114,6 +121,7 @@ pub struct Status {
     /// The tunnel address (the IPv4 one if there are two).
     pub address: String,
     pub addresses: Vec<String>,
+    pub mtu: u32,
     pub public_endpoint: Option<String>,
     pub advertised_routes: Vec<String>,
     pub accepted_routes: Vec<String>,

@@ -213,6 +213,10 @@ pub struct VpcgatedConfig {
     /// `None` uses a fresh directory in the namespace's scratch dir.
     pub state_dir: Option<PathBuf>,
     pub log_level: String,
+    /// More flags, appended after the ones above.
+    pub extra_args: Vec<String>,
+    /// Extra environment for the daemon (e.g. NOTIFY_SOCKET).
+    pub env: Vec<(String, String)>,
 }
 
 impl VpcgatedConfig {
@@ -222,6 +226,8 @@ impl VpcgatedConfig {
             address: address.to_string(),
             state_dir: None,
             log_level: "debug".to_string(),
+            extra_args: Vec::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -272,25 +278,25 @@ impl WgDev {
         let bin_s = bin.to_string_lossy().into_owned();
         let state_s = state_dir.to_string_lossy().into_owned();
         let sock_s = control_socket.to_string_lossy().into_owned();
-        let proc = ns.spawn(
-            &format!("vpcgated-{name}"),
-            &[
-                &bin_s,
-                "--interface",
-                &name,
-                "--state-dir",
-                &state_s,
-                "--socket",
-                &sock_s,
-                "--listen-port",
-                &port,
-                "--address",
-                &cfg.address,
-                "--log-level",
-                &cfg.log_level,
-            ],
-            &[("RUST_BACKTRACE", "1")],
-        )?;
+        let mut argv = vec![
+            bin_s.as_str(),
+            "--interface",
+            &name,
+            "--state-dir",
+            &state_s,
+            "--socket",
+            &sock_s,
+            "--listen-port",
+            &port,
+            "--address",
+            &cfg.address,
+            "--log-level",
+            &cfg.log_level,
+        ];
+        argv.extend(cfg.extra_args.iter().map(String::as_str));
+        let mut env = vec![("RUST_BACKTRACE", "1")];
+        env.extend(cfg.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let proc = ns.spawn(&format!("vpcgated-{name}"), &argv, &env)?;
         let mut dev = WgDev {
             ns: ns.clone(),
             name,

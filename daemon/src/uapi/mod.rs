@@ -13,6 +13,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
+use crate::access::Access;
 use crate::daemon::Daemon;
 use proto::{Request, RequestParser};
 
@@ -26,6 +27,10 @@ pub fn socket_path(interface: &str) -> std::path::PathBuf {
 pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
     loop {
         match listener.accept().await {
+            // The UAPI carries the private key: root and our own user only.
+            Ok((stream, _)) if !Access::OWNER_ONLY.allows(std::os::fd::AsFd::as_fd(&stream)) => {
+                tracing::warn!("refused a UAPI connection from an unauthorised user");
+            }
             Ok((stream, _)) => {
                 let daemon = daemon.clone();
                 tokio::spawn(async move {

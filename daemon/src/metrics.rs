@@ -1,0 +1,252 @@
+//! Optional Prometheus metrics on `--metrics-listen` (off by default).
+//!
+//! A deliberately small HTTP/1.1 responder: it reads one request head (at
+//! most [`MAX_REQUEST`] bytes, within [`REQUEST_TIMEOUT`]), answers
+//! `GET /metrics` with the text exposition format and anything else with 404,
+//! then closes. Scrapes are rare, so each is built fresh from the control
+//! plane's state; nothing here touches the data path.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::daemon::Daemon;
+
+const MAX_REQUEST: usize = 8 * 1024;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One peer's figures, as the exposition needs them.
+pub struct PeerSample {
+    pub name: Option<String>,
+    pub public_key: String,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub last_handshake: Option<SystemTime>,
+}
+
+pub struct Sample {
+    pub peers: Vec<PeerSample>,
+    pub drops: Vec<(&'static str, u64)>,
+    pub advertised_routes: usize,
+    pub accepted_routes: usize,
+}
+
+/// Renders the text exposition format.
+pub fn render(sample: &Sample, now: SystemTime) -> String {
+    let mut out = String::with_capacity(1024 + sample.peers.len() * 400);
+    let label = |p: &PeerSample| {
+        // Names are restricted to [A-Za-z0-9._-] and keys are base64, so
+        // neither needs escaping; the fallback keeps that true regardless.
+        let clean = |s: &str| {
+            s.chars()
+                .filter(|c| !matches!(c, '"' | '\\' | '\n'))
+                .collect::<String>()
+        };
+        format!(
+            "public_key=\"{}\",name=\"{}\"",
+            clean(&p.public_key),
+            clean(p.name.as_deref().unwrap_or(""))
+        )
+    };
+    let _ = writeln!(out, "# HELP vpcgate_peer_receive_bytes_total Bytes received from the peer, WireGuard framing included.");
+    let _ = writeln!(out, "# TYPE vpcgate_peer_receive_bytes_total counter");
+    for p in &sample.peers {
+        let _ = writeln!(
+            out,
+            "vpcgate_peer_receive_bytes_total{{{}}} {}",
+            label(p),
+            p.rx_bytes
+        );
+    }
+    let _ = writeln!(out, "# HELP vpcgate_peer_transmit_bytes_total Bytes sent to the peer, WireGuard framing included.");
+    let _ = writeln!(out, "# TYPE vpcgate_peer_transmit_bytes_total counter");
+    for p in &sample.peers {
+        let _ = writeln!(
+            out,
+            "vpcgate_peer_transmit_bytes_total{{{}}} {}",
+            label(p),
+            p.tx_bytes
+        );
+    }
+    let _ = writeln!(out, "# HELP vpcgate_peer_handshake_age_seconds Seconds since the last completed handshake; absent if never.");
+    let _ = writeln!(out, "# TYPE vpcgate_peer_handshake_age_seconds gauge");
+    for p in &sample.peers {
+        if let Some(age) = p.last_handshake.and_then(|t| now.duration_since(t).ok()) {
+            let _ = writeln!(
+                out,
+                "vpcgate_peer_handshake_age_seconds{{{}}} {:.3}",
+                label(p),
+                age.as_secs_f64()
+            );
+        }
+    }
+    let _ = writeln!(out, "# HELP vpcgate_peer_last_handshake_timestamp_seconds Unix time of the last completed handshake; 0 if never.");
+    let _ = writeln!(
+        out,
+        "# TYPE vpcgate_peer_last_handshake_timestamp_seconds gauge"
+    );
+    for p in &sample.peers {
+        let secs = p
+            .last_handshake
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs());
+        let _ = writeln!(
+            out,
+            "vpcgate_peer_last_handshake_timestamp_seconds{{{}}} {secs}",
+            label(p)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP vpcgate_dropped_packets_total Packets dropped by the data path, by reason."
+    );
+    let _ = writeln!(out, "# TYPE vpcgate_dropped_packets_total counter");
+    for (reason, count) in &sample.drops {
+        let _ = writeln!(
+            out,
+            "vpcgate_dropped_packets_total{{reason=\"{reason}\"}} {count}"
+        );
+    }
+    let _ = writeln!(out, "# HELP vpcgate_peers Configured peers.");
+    let _ = writeln!(out, "# TYPE vpcgate_peers gauge");
+    let _ = writeln!(out, "vpcgate_peers {}", sample.peers.len());
+    let _ = writeln!(
+        out,
+        "# HELP vpcgate_advertised_routes Ranges this node advertises."
+    );
+    let _ = writeln!(out, "# TYPE vpcgate_advertised_routes gauge");
+    let _ = writeln!(
+        out,
+        "vpcgate_advertised_routes {}",
+        sample.advertised_routes
+    );
+    let _ = writeln!(
+        out,
+        "# HELP vpcgate_accepted_routes Routes learned from trusted peers."
+    );
+    let _ = writeln!(out, "# TYPE vpcgate_accepted_routes gauge");
+    let _ = writeln!(out, "vpcgate_accepted_routes {}", sample.accepted_routes);
+    out
+}
+
+pub async fn serve(listener: TcpListener, daemon: Arc<Daemon>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let daemon = daemon.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = handle(stream, &daemon).await {
+                        tracing::debug!("metrics connection ended: {e}");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!("metrics accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn handle(mut stream: TcpStream, daemon: &Daemon) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(512);
+    let read = async {
+        let mut chunk = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST {
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                break;
+            }
+            head.extend_from_slice(&chunk[..n]);
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    tokio::time::timeout(REQUEST_TIMEOUT, read)
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    let first = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let mut parts = first.split(|&b| b == b' ');
+    let (method, path) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
+    let (status, body) =
+        if method == b"GET" && (path == b"/metrics" || path.starts_with(b"/metrics?")) {
+            (
+                "200 OK",
+                render(&daemon.metrics_sample().await, SystemTime::now()),
+            )
+        } else {
+            (
+                "404 Not Found",
+                "only GET /metrics is served here\n".to_string(),
+            )
+        };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_every_family() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let sample = Sample {
+            peers: vec![
+                PeerSample {
+                    name: Some("laptop".into()),
+                    public_key: "AAAA+/==".into(),
+                    rx_bytes: 10,
+                    tx_bytes: 20,
+                    last_handshake: Some(now - Duration::from_secs(42)),
+                },
+                PeerSample {
+                    name: None,
+                    public_key: "BBBB".into(),
+                    rx_bytes: 0,
+                    tx_bytes: 0,
+                    last_handshake: None,
+                },
+            ],
+            drops: vec![("no_route", 3), ("not_advertised", 0)],
+            advertised_routes: 2,
+            accepted_routes: 0,
+        };
+        let text = render(&sample, now);
+        for line in [
+            "vpcgate_peer_receive_bytes_total{public_key=\"AAAA+/==\",name=\"laptop\"} 10",
+            "vpcgate_peer_transmit_bytes_total{public_key=\"AAAA+/==\",name=\"laptop\"} 20",
+            "vpcgate_peer_handshake_age_seconds{public_key=\"AAAA+/==\",name=\"laptop\"} 42.000",
+            "vpcgate_peer_last_handshake_timestamp_seconds{public_key=\"BBBB\",name=\"\"} 0",
+            "vpcgate_dropped_packets_total{reason=\"no_route\"} 3",
+            "vpcgate_dropped_packets_total{reason=\"not_advertised\"} 0",
+            "vpcgate_peers 2",
+            "vpcgate_advertised_routes 2",
+            "vpcgate_accepted_routes 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in:\n{text}"
+            );
+        }
+        assert!(
+            !text.contains("handshake_age_seconds{public_key=\"BBBB\""),
+            "a peer that never handshook has no age"
+        );
+        // Every sample line belongs to a declared family.
+        for l in text.lines().filter(|l| !l.starts_with('#')) {
+            let family = l.split(['{', ' ']).next().unwrap_or_default();
+            assert!(text.contains(&format!("# TYPE {family} ")), "{l}");
+        }
+    }
+}
