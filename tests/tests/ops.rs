@@ -495,3 +495,65 @@ fn sigkill_restart_keeps_key_peers_and_routes_and_clients_reconnect() {
     wait_for_ping(&pair.b.ns, &pair.a.t4(), &[], Duration::from_secs(30))
         .expect("client reconnects unchanged");
 }
+
+#[test]
+fn corrupt_state_files_stop_the_start_and_are_named() {
+    require_root();
+    let ns = Netns::new("of").expect("namespace");
+    let state = ns.dir().join("state");
+    let mut cfg = VpcgatedConfig::new(51820, "100.64.0.1/24");
+    cfg.state_dir = Some(state.clone());
+    let (mut dev, _ctl) = start(&ns, "of", &cfg);
+    let key = std::fs::read_to_string(state.join("private.key")).expect("key");
+    dev.process()
+        .terminate(Duration::from_secs(10))
+        .expect("stops");
+    let name = dev.name().to_string();
+    drop(dev);
+
+    let bin = vpcgate_e2e::vpcgated_bin()
+        .expect("binary")
+        .to_string_lossy()
+        .into_owned();
+    let state_s = state.to_string_lossy().into_owned();
+    let socket = ns.dir().join("x.ctl").to_string_lossy().into_owned();
+    for (file, contents) in [
+        ("private.key", ""),
+        ("settings.json", "{\"addresses\": ["),
+        ("peers.json", ""),
+    ] {
+        let path = state.join(file);
+        let good = std::fs::read(&path).ok();
+        std::fs::write(&path, contents).expect("corrupt");
+        let out = ns
+            .exec_raw(&[
+                &bin,
+                "--interface",
+                &name,
+                "--state-dir",
+                &state_s,
+                "--socket",
+                &socket,
+            ])
+            .expect("run vpcgated");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "started with a corrupt {file}");
+        assert!(
+            err.contains(file) && err.contains("corrupt"),
+            "{file}: {err}"
+        );
+        assert!(
+            ns.ip(&["link", "show", "dev", &name]).is_err(),
+            "a TUN was created despite a corrupt {file}"
+        );
+        match good {
+            Some(good) => std::fs::write(&path, good).expect("restore"),
+            None => std::fs::remove_file(&path).expect("remove"),
+        }
+    }
+    assert_eq!(
+        std::fs::read_to_string(state.join("private.key")).expect("key"),
+        key,
+        "the key was regenerated"
+    );
+}
