@@ -557,3 +557,43 @@ fn corrupt_state_files_stop_the_start_and_are_named() {
         "the key was regenerated"
     );
 }
+
+#[test]
+fn malformed_and_oversized_control_requests_get_errors_and_service_goes_on() {
+    require_root();
+    let ns = Netns::new("og").expect("namespace");
+    let (dev, ctl) = start(&ns, "og", &VpcgatedConfig::new(51820, "100.64.0.1/24"));
+    let path = dev.control_socket().expect("socket").to_path_buf();
+    let exchange = |frame: &[u8]| -> Option<vpcgate_proto::Response> {
+        let mut s = std::os::unix::net::UnixStream::connect(&path).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        s.write_all(frame).expect("send");
+        vpcgate_proto::read_frame(&mut s).ok()
+    };
+    let frame = |body: &[u8]| {
+        let mut f = (body.len() as u32).to_be_bytes().to_vec();
+        f.extend_from_slice(body);
+        f
+    };
+    for bad in [
+        frame(b"not json"),
+        frame(br#"{"request":"reboot"}"#),
+        frame(br#"{"request":"advertise_routes","routes":"oops"}"#),
+        ((vpcgate_proto::MAX_FRAME + 1) as u32)
+            .to_be_bytes()
+            .to_vec(),
+        u32::MAX.to_be_bytes().to_vec(),
+    ] {
+        match exchange(&bad) {
+            Some(vpcgate_proto::Response::Error { message }) => assert!(!message.is_empty()),
+            other => panic!("{:?} got {other:?}", String::from_utf8_lossy(&bad)),
+        }
+    }
+    // A client that sends half a frame and stalls does not block others.
+    let mut stalled = std::os::unix::net::UnixStream::connect(&path).expect("connect");
+    stalled
+        .write_all(&frame(b"{\"request\"")[..8])
+        .expect("send");
+    assert!(ctl.status().is_ok(), "the daemon stopped serving");
+}
