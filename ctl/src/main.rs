@@ -2,6 +2,7 @@
 //! through the framed protocol in `vpcgate-proto`. Results go to stdout;
 //! messages and warnings go to stderr, so output can be piped into a file.
 
+mod doctor;
 mod qr;
 
 use std::io::Read;
@@ -55,6 +56,16 @@ enum Cmd {
     Genkey,
     /// Read a private key on stdin and print its public key, as `wg pubkey` does.
     Pubkey,
+    /// Find what stops this VM from working as a subnet router, and how to
+    /// fix each thing; exits non-zero when a check fails.
+    Doctor {
+        /// Base URL of the cloud metadata service (tests use a fake).
+        #[arg(long, env = doctor::METADATA_ENDPOINT_ENV, default_value = doctor::DEFAULT_METADATA_ENDPOINT)]
+        metadata_endpoint: String,
+        /// Where DMI identifies the machine (and so its cloud).
+        #[arg(long, env = doctor::DMI_DIR_ENV, default_value = doctor::DEFAULT_DMI_DIR)]
+        dmi_dir: PathBuf,
+    },
     /// Decode a QR code printed by `--qr` from stdin (for tests).
     #[command(hide = true)]
     QrDecode,
@@ -305,6 +316,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{public}");
             }
         }
+        Cmd::Doctor {
+            metadata_endpoint,
+            dmi_dir,
+        } => doctor::run(doctor::Options {
+            socket: socket.clone(),
+            json,
+            metadata_endpoint,
+            dmi_dir,
+        })?,
         Cmd::QrDecode => {
             let mut text = String::new();
             std::io::stdin().read_to_string(&mut text)?;
