@@ -456,6 +456,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    // `vpcgate peer list | head` should end quietly, as other Unix tools do,
+    // not panic: Rust ignores SIGPIPE unless told otherwise.
+    // SAFETY: restoring the default disposition of a signal has no
+    // preconditions, and no other thread exists yet.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -49,3 +49,26 @@ fn socket_comes_from_the_environment() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/from-env.sock"));
 }
+
+#[test]
+fn a_closed_pipe_ends_quietly() {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = vpcgate()
+        .arg("version")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run vpcgate");
+    // The reader goes away before vpcgate writes, as with `| head -0`.
+    drop(child.stdout.take());
+    let status = child.wait().expect("wait");
+    let mut err = String::new();
+    let _ = child.stderr.take().map(|mut e| e.read_to_string(&mut err));
+    assert!(!err.contains("panicked"), "{err}");
+    assert_ne!(
+        status.code(),
+        Some(101),
+        "vpcgate panicked on a closed pipe"
+    );
+}
