@@ -83,6 +83,19 @@ impl PeerConfig {
         })
     }
 
+    /// Takes every configured setting from `other`, keeping this peer's
+    /// handle, statistics and learned routes (so its session survives).
+    pub fn adopt_settings(&mut self, other: PeerConfig) {
+        self.name = other.name.clone();
+        self.client_private_key = other.client_private_key.clone();
+        self.preshared_key = other.preshared_key.clone();
+        self.endpoint = other.endpoint;
+        self.persistent_keepalive = other.persistent_keepalive;
+        self.allowed_ips = other.allowed_ips.clone();
+        self.accept_routes = other.accept_routes;
+        self.accept_default_route = other.accept_default_route;
+    }
+
     /// Every prefix this peer owns for cryptokey routing.
     pub fn effective_allowed_ips(&self) -> impl Iterator<Item = &IpNet> {
         self.allowed_ips.iter().chain(self.learned.iter())

@@ -263,6 +263,26 @@ impl Daemon {
         })
     }
 
+    /// Runs the plan and makes `next` current.
+    async fn apply_plan(&self, inner: &mut Inner, next: DeviceConfig, plan: Plan) {
+        let peer_count = next.peers.len();
+        self.execute(inner, plan, peer_count).await;
+        inner.config = next;
+    }
+
+    /// Saves the peers first, then applies: nothing is acknowledged that is
+    /// not on disk.
+    async fn commit_plan(
+        &self,
+        inner: &mut Inner,
+        next: DeviceConfig,
+        plan: Plan,
+    ) -> Result<(), String> {
+        self.save_peers(&next)?;
+        self.apply_plan(inner, next, plan).await;
+        Ok(())
+    }
+
     pub async fn uapi_get(&self, out: &mut String) {
         let view = self.inner.lock().await.config.view();
         crate::uapi::proto::format_get(&view, out);
@@ -315,9 +335,7 @@ impl Daemon {
         if plan.private_key_changed {
             tracing::info!("private key changed");
         }
-        let peer_count = next.peers.len();
-        self.execute(&inner, plan, peer_count).await;
-        inner.config = next;
+        self.apply_plan(&mut inner, next, plan).await;
         Ok(())
     }
 
@@ -622,10 +640,7 @@ impl Daemon {
             peer.accept_default_route = add.accept_default_route;
             Ok::<_, String>(())
         })?;
-        self.save_peers(&next)?;
-        let peer_count = next.peers.len();
-        self.execute(&inner, plan, peer_count).await;
-        inner.config = next;
+        self.commit_plan(&mut inner, next, plan).await?;
         tracing::info!(peer = %add.name, allowed_ips = ?allowed_ips, "peer added");
         let config = match inner.config.peer_by_name(&add.name) {
             Some(peer) if generate => Some(self.client_config(&inner, peer)?),
@@ -655,10 +670,7 @@ impl Daemon {
             next.peers.retain(|p| p.handle != handle);
             Ok::<_, String>(())
         })?;
-        self.save_peers(&next)?;
-        let peer_count = next.peers.len();
-        self.execute(&inner, plan, peer_count).await;
-        inner.config = next;
+        self.commit_plan(&mut inner, next, plan).await?;
         for net in learned.unwrap_or_default() {
             let _ = self.netlink.del_route(self.tun_index, net).await;
         }
@@ -744,10 +756,8 @@ impl Daemon {
         }) else {
             return;
         };
-        let peer_count = next.peers.len();
         // Routes point into the tunnel only once the data path can carry them.
-        self.execute(&inner, plan, peer_count).await;
-        inner.config = next;
+        self.apply_plan(&mut inner, next, plan).await;
         for net in accepted.iter().filter(|n| !previous.contains(n)) {
             if let Err(e) = self.netlink.add_route(self.tun_index, *net).await {
                 tracing::warn!(route = %net, "cannot install learned route: {e}");
@@ -801,37 +811,21 @@ impl Daemon {
                 next.peers
                     .retain(|p| fresh.peers.iter().any(|f| f.public_key == p.public_key));
                 for f in fresh.peers {
-                    match next.peers.iter_mut().find(|p| p.public_key == f.public_key) {
-                        Some(p) => {
-                            p.name = f.name;
-                            p.client_private_key = f.client_private_key;
-                            p.preshared_key = f.preshared_key;
-                            p.endpoint = f.endpoint;
-                            p.persistent_keepalive = f.persistent_keepalive;
-                            p.allowed_ips = f.allowed_ips;
-                            p.accept_routes = f.accept_routes;
-                            p.accept_default_route = f.accept_default_route;
-                        }
+                    let peer = match next.peers.iter().position(|p| p.public_key == f.public_key) {
+                        Some(i) => &mut next.peers[i],
                         None => {
-                            let p = next.push_peer(f.public_key.clone())?;
-                            p.name = f.name;
-                            p.client_private_key = f.client_private_key;
-                            p.preshared_key = f.preshared_key;
-                            p.endpoint = f.endpoint;
-                            p.stats.set_endpoint(f.endpoint);
-                            p.persistent_keepalive = f.persistent_keepalive;
-                            p.allowed_ips = f.allowed_ips;
-                            p.accept_routes = f.accept_routes;
-                            p.accept_default_route = f.accept_default_route;
+                            let peer = next.push_peer(f.public_key.clone())?;
+                            peer.stats.set_endpoint(f.endpoint);
+                            peer
                         }
-                    }
+                    };
+                    peer.adopt_settings(f);
                 }
                 Ok::<_, Errno>(())
             })
             .map_err(|e| format!("cannot apply the reloaded peers: {e}"))?;
         let peer_count = next.peers.len();
-        self.execute(&inner, plan, peer_count).await;
-        inner.config = next;
+        self.apply_plan(&mut inner, next, plan).await;
         if let Some(mut settings) = settings {
             // The port and addresses in use stay; `vpcgate set` changes them.
             settings.listen_port = inner.settings.listen_port;
