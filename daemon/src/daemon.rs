@@ -143,6 +143,7 @@ fn stored_peers(config: &DeviceConfig) -> Vec<StoredPeer> {
             allowed_ips: p.allowed_ips.clone(),
             accept_routes: p.accept_routes,
             accept_default_route: p.accept_default_route,
+            learned_routes: p.learned.clone(),
         })
         .collect()
 }
@@ -195,6 +196,10 @@ fn restore_peers(
         peer.allowed_ips = s.allowed_ips.iter().map(IpNet::trunc).collect();
         peer.accept_routes = s.accept_routes;
         peer.accept_default_route = s.accept_default_route;
+        // Only a trusted peer's routes are kept.
+        if s.accept_routes {
+            peer.learned = s.learned_routes.iter().map(IpNet::trunc).collect();
+        }
     }
     Ok(())
 }
@@ -756,8 +761,12 @@ impl Daemon {
         }) else {
             return;
         };
-        // Routes point into the tunnel only once the data path can carry them.
-        self.apply_plan(&mut inner, next, plan).await;
+        // Saved first, so they come back after a restart; routes point into
+        // the tunnel only once the data path can carry them.
+        if let Err(e) = self.commit_plan(&mut inner, next, plan).await {
+            tracing::error!("cannot save learned routes, not applying them: {e}");
+            return;
+        }
         for net in accepted.iter().filter(|n| !previous.contains(n)) {
             if let Err(e) = self.netlink.add_route(self.tun_index, *net).await {
                 tracing::warn!(route = %net, "cannot install learned route: {e}");
@@ -1128,8 +1137,13 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     });
     {
         let mut inner = daemon.inner.lock().await;
-        daemon.execute(&inner, plan, peer_count).await;
-        inner.config = config;
+        daemon.apply_plan(&mut inner, config, plan).await;
+        // Routes learned before a restart are back before their peer answers.
+        for net in inner.config.peers.iter().flat_map(|p| p.learned.iter()) {
+            if let Err(e) = daemon.netlink.add_route(daemon.tun_index, *net).await {
+                tracing::warn!(route = %net, "cannot restore a learned route: {e}");
+            }
+        }
     }
 
     let uapi_task = tokio::spawn(crate::uapi::serve(uapi_listener, daemon.clone()));
@@ -1271,6 +1285,7 @@ mod tests {
             allowed_ips: vec![format!("100.64.0.{key}/32").parse().expect("cidr")],
             accept_routes: false,
             accept_default_route: false,
+            learned_routes: vec!["198.18.64.0/20".parse().expect("cidr")],
         }
     }
 

@@ -109,6 +109,11 @@ pub struct StoredPeer {
     pub accept_routes: bool,
     #[serde(default)]
     pub accept_default_route: bool,
+    /// Routes learned from this peer (accept-routes), so they are back at
+    /// once after a restart, before the peer answers again.
+    #[serde(default)]
+    #[zeroize(skip)]
+    pub learned_routes: Vec<IpNet>,
 }
 
 pub struct StateDir {
@@ -363,12 +368,14 @@ mod tests {
             allowed_ips: vec!["100.64.0.2/32".parse().expect("cidr")],
             accept_routes: false,
             accept_default_route: false,
+            learned_routes: vec!["198.18.64.0/20".parse().expect("cidr")],
         };
         state.save_peers(&[peer]).expect("save");
         let back = state.load_peers().expect("load");
         assert_eq!(back.len(), 1);
         assert_eq!(back[0].name.as_deref(), Some("laptop"));
         assert_eq!(back[0].persistent_keepalive, 25);
+        assert_eq!(back[0].learned_routes.len(), 1);
         let meta = fs::metadata(dir.join(PEERS_FILE)).expect("stat");
         assert_eq!(meta.mode() & 0o777, 0o600);
         fs::write(dir.join(PEERS_FILE), "").expect("truncate");

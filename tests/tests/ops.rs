@@ -597,3 +597,65 @@ fn malformed_and_oversized_control_requests_get_errors_and_service_goes_on() {
         .expect("send");
     assert!(ctl.status().is_ok(), "the daemon stopped serving");
 }
+
+#[test]
+fn learned_routes_come_back_after_a_restart_while_the_gateway_is_away() {
+    require_root();
+    let gw_ns = Netns::new("ohg").expect("namespace");
+    let cl_ns = Netns::new("ohc").expect("namespace");
+    vpcgate_e2e::veth(&gw_ns, &cl_ns, &["198.18.0.1/24"], &["198.18.0.2/24"]).expect("veth");
+    let (mut gw, gctl) = start(&gw_ns, "ohg", &VpcgatedConfig::new(51820, "100.64.0.1/24"));
+    let mut ccfg = VpcgatedConfig::new(51821, "100.64.0.2/24");
+    ccfg.state_dir = Some(cl_ns.dir().join("state"));
+    let (mut cl, cctl) = start(&cl_ns, "ohc", &ccfg);
+    let (gw_pub, cl_pub) = (gw.public_key().expect("key"), cl.public_key().expect("key"));
+    gctl.advertise(&["198.18.64.0/20"]).expect("advertise");
+    gctl.run(&[
+        "peer",
+        "add",
+        "laptop",
+        "--public-key",
+        &cl_pub,
+        "--allowed-ips",
+        "100.64.0.2/32",
+    ])
+    .expect("gateway knows the laptop");
+    cctl.run(&[
+        "peer",
+        "add",
+        "gateway",
+        "--public-key",
+        &gw_pub,
+        "--endpoint",
+        "198.18.0.1:51820",
+        "--allowed-ips",
+        "100.64.0.1/32",
+        "--accept-routes",
+    ])
+    .expect("laptop trusts the gateway");
+    let has_route = |ns: &Netns, dev: &str| {
+        ns.ip(&["route", "show", "198.18.64.0/20"])
+            .is_ok_and(|r| r.contains(&format!("dev {dev}")))
+    };
+    vpcgate_e2e::wait_until(
+        Duration::from_secs(20),
+        "the laptop to learn 198.18.64.0/20",
+        || Ok(has_route(&cl_ns, cl.name())),
+    )
+    .expect("learned");
+
+    gw.process()
+        .terminate(Duration::from_secs(10))
+        .expect("gateway stops");
+    cl.process()
+        .terminate(Duration::from_secs(10))
+        .expect("laptop stops");
+    drop(cl);
+    let (cl, cctl) = start(&cl_ns, "ohc", &ccfg);
+    assert!(
+        has_route(&cl_ns, cl.name()),
+        "the learned route was not restored at start"
+    );
+    let status = cctl.status().expect("status");
+    assert_eq!(status.accepted_routes, ["198.18.64.0/20"]);
+}
