@@ -35,3 +35,23 @@ pub use wg::{
     bin_dir, gen_keypair, public_key_of, unix_now, vpcgate_bin, vpcgated_bin, KeyPair,
     VpcgatedConfig, WgDev, WgDump, WgPeer, UAPI_DIR,
 };
+
+/// Fails the test with context: `result.or_die("what was being done")`.
+pub trait OrDie<T> {
+    fn or_die(self, what: &str) -> T;
+}
+
+impl<T> OrDie<T> for anyhow::Result<T> {
+    #[track_caller]
+    fn or_die(self, what: &str) -> T {
+        match self {
+            Ok(v) => v,
+            Err(e) => panic!("{what}: {e:#}"),
+        }
+    }
+}
+
+/// A list of strings as a set, for order-insensitive comparisons.
+pub fn set_of(items: &[String]) -> std::collections::BTreeSet<&str> {
+    items.iter().map(String::as_str).collect()
+}

@@ -5,7 +5,7 @@
 use std::process::Output;
 use std::time::Duration;
 
-use vpcgate_e2e::{gen_keypair, require_root, vpcgate_bin, Netns, VpcgatedConfig, WgDev};
+use vpcgate_e2e::{gen_keypair, require_root, Netns, Vpcgate, VpcgatedConfig, WgDev};
 
 struct Gateway {
     ns: Netns,
@@ -31,17 +31,9 @@ impl Gateway {
     }
 
     fn run(&self, args: &[&str]) -> Output {
-        let bin = vpcgate_bin().expect("vpcgate binary");
-        let socket = self
-            .dev
-            .control_socket()
-            .expect("control socket")
-            .to_string_lossy()
-            .into_owned();
-        let bin = bin.to_string_lossy().into_owned();
-        let mut argv = vec![bin.as_str(), "--socket", socket.as_str()];
-        argv.extend_from_slice(args);
-        self.ns.exec_raw(&argv).expect("run vpcgate")
+        Vpcgate::for_dev(&self.dev)
+            .and_then(|ctl| ctl.output(args))
+            .expect("run vpcgate")
     }
 
     fn ok(&self, args: &[&str]) -> String {

@@ -9,8 +9,8 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use vpcgate_e2e::{
-    ping, require_root, sock, tcp_download, tcp_reachable, tcp_transfer, wait_for_ping,
-    wg_quick_strip, write_wg_quick_conf, ClientConf, EchoSession, Guide, Netns, WgQuick, DB,
+    ping, require_root, set_of, sock, tcp_download, tcp_reachable, tcp_transfer, wait_for_ping,
+    wg_quick_strip, write_wg_quick_conf, ClientConf, EchoSession, Guide, Netns, OrDie, WgQuick, DB,
     GW_ENDPOINT, GW_VPC, PEERED_RANGE, TUNNEL_NET, VPC_HOST, VPC_RANGE,
 };
 
@@ -20,24 +20,6 @@ const ROUTE_CHANGE: Duration = Duration::from_secs(10);
 /// The tunnel MTU of the gateway (vpcgated's default) minus 40 bytes of
 /// IPv4 and TCP headers: the largest MSS that fits through the tunnel.
 const TUNNEL_MSS: u32 = 1420 - 40;
-
-trait OrDie<T> {
-    fn or_die(self, what: &str) -> T;
-}
-
-impl<T> OrDie<T> for anyhow::Result<T> {
-    #[track_caller]
-    fn or_die(self, what: &str) -> T {
-        match self {
-            Ok(v) => v,
-            Err(e) => panic!("{what}: {e:#}"),
-        }
-    }
-}
-
-fn set_of(items: &[String]) -> BTreeSet<&str> {
-    items.iter().map(String::as_str).collect()
-}
 
 /// Checks a client config printed by the gateway: one interface with a key,
 /// a tunnel address and an MTU; one peer that is the gateway at its public

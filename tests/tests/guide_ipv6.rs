@@ -10,10 +10,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use vpcgate_e2e::{
-    nft_counters, ping, require_root, tcp_reachable, tcp_transfer, wait_for_ping, ClientConf,
-    Guide, Netns, Vpcgate, WgQuick, DB, DB6, GW_ENDPOINT6, GW_TUNNEL_ADDRS_DUAL, GW_VPC6,
-    INET_GW_SIDE6, PEERED_RANGE, PEERED_RANGE6, TUNNEL_NET, TUNNEL_NET6, VPC_HOST6, VPC_RANGE,
-    VPC_RANGE6,
+    nft_counters, ping, require_root, set_of, tcp_reachable, tcp_transfer, wait_for_ping,
+    ClientConf, Guide, Netns, OrDie, Vpcgate, WgQuick, DB, DB6, GW_ENDPOINT6, GW_TUNNEL_ADDRS_DUAL,
+    GW_VPC6, INET_GW_SIDE6, PEERED_RANGE, PEERED_RANGE6, TUNNEL_NET, TUNNEL_NET6, VPC_HOST6,
+    VPC_RANGE, VPC_RANGE6,
 };
 
 const MB: u64 = 1024 * 1024;
@@ -24,24 +24,6 @@ const NOT_ADVERTISED: &str = "not_advertised";
 const OUTSIDE6: &str = "fd00:2::1/128";
 /// Echo requests the out-of-scope ping sends.
 const OUTSIDE_PINGS: u32 = 3;
-
-trait OrDie<T> {
-    fn or_die(self, what: &str) -> T;
-}
-
-impl<T> OrDie<T> for anyhow::Result<T> {
-    #[track_caller]
-    fn or_die(self, what: &str) -> T {
-        match self {
-            Ok(v) => v,
-            Err(e) => panic!("{what}: {e:#}"),
-        }
-    }
-}
-
-fn set_of(items: &[String]) -> BTreeSet<&str> {
-    items.iter().map(String::as_str).collect()
-}
 
 fn not_advertised_drops(ctl: &Vpcgate) -> u64 {
     let st = ctl.status().or_die("gateway status");
