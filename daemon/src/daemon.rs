@@ -10,7 +10,6 @@
 use std::collections::HashSet;
 use std::io;
 use std::net::Ipv4Addr;
-use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -30,7 +29,7 @@ use crate::core::mss::mss_for_mtu;
 use crate::core::{
     Change, DropCounters, DropReason, Event, PeerHandle, RouteTable, Routes, SharedRoutes,
 };
-use crate::dataplane::{Command, Dataplane, UdpSockets};
+use crate::dataplane::{create_tun, Command, Dataplane, UdpSockets};
 use crate::nat::{Nat, NatState, NftNat};
 use crate::netlink::Netlink;
 use crate::state::{Settings, StateDir, StoredPeer};
@@ -526,6 +525,9 @@ impl Daemon {
         if new.mss_clamp != old.mss_clamp || new.mtu != old.mtu {
             changes.push(mss_change(new));
         }
+        if new.mtu != old.mtu {
+            self.dataplane.send(Command::SetMtu(new.mtu));
+        }
         if new.addresses != old.addresses {
             changes.push(Change::SetLocalAddress(local_v4(new)));
         }
@@ -982,24 +984,6 @@ impl Drop for SocketFile {
     }
 }
 
-fn create_tun(name: &str) -> anyhow::Result<OwnedFd> {
-    let mut config = tun::Configuration::default();
-    config.tun_name(name);
-    // Addresses, MTU and link state are set over netlink, not by the crate.
-    config.platform_config(|p| {
-        p.ensure_root_privileges(false);
-    });
-    let device = tun::create(&config).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot create TUN device {name}: {e} (is /dev/net/tun present, do we have \
-             CAP_NET_ADMIN, and is the name free?)"
-        )
-    })?;
-    let fd = device.into_raw_fd();
-    // SAFETY: into_raw_fd hands over sole ownership of a valid open descriptor.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
 /// At most one address per family, as `--address` documents.
 pub fn validate_addresses(addresses: &[IpNet]) -> Result<(), String> {
     let v4 = addresses.iter().filter(|a| a.addr().is_ipv4()).count();
@@ -1073,7 +1057,13 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         None => None,
     };
 
-    let tun = create_tun(&options.interface)?;
+    let tun = create_tun(&options.interface).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot create TUN device {}: {e} (is /dev/net/tun present, do we have \
+             CAP_NET_ADMIN, and is the name free?)",
+            options.interface
+        )
+    })?;
     let netlink = Netlink::connect().context("cannot open netlink")?;
     let tun_index = netlink.link_index(&options.interface).await?;
     netlink
@@ -1094,6 +1084,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let (events_tx, mut events_rx) = tokio::sync::mpsc::unbounded_channel();
     let dataplane = Dataplane::spawn(
         tun,
+        settings.mtu,
         sockets,
         routes.clone(),
         counters.clone(),

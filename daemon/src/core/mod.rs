@@ -18,7 +18,7 @@ pub mod routes_msg;
 pub mod table;
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -71,12 +71,41 @@ pub const TIMER_TICK: Duration = Duration::from_millis(250);
 /// peer lookup, then its own), so its under-load threshold is doubled.
 const HANDSHAKES_PER_SECOND_BEFORE_COOKIES: u64 = 2 * 100;
 
+/// The smallest slot worth asking for: a handshake initiation, the largest
+/// message boringtun may write in place of a data packet it has to queue.
+const MIN_UDP_SLOT: usize = 148;
+
+/// Data messages add a 16-byte header and a 16-byte tag.
+const DATA_OVERHEAD: usize = 32;
+
 /// Where the core sends what it produces.
+///
+/// Packets are encrypted and decrypted straight into the sink's buffers:
+/// the core asks for a slot, writes into it, and commits the bytes it
+/// wrote. A sink is free to batch committed packets (UDP GSO, TUN GRO) until
+/// its owner flushes it.
 pub trait Transmit {
-    /// Sends one datagram; returns false if the socket refused it.
-    fn send_udp(&mut self, to: SocketAddr, datagram: &[u8]) -> bool;
-    /// Delivers one decrypted IP packet to the TUN.
-    fn write_tun(&mut self, packet: &[u8]);
+    /// Room for the next outgoing datagram, at least `len` bytes long.
+    fn udp_slot(&mut self, len: usize) -> &mut [u8];
+    /// Sends the first `len` bytes of the last slot to `to`, now or in a
+    /// batch. Returns false if no socket can reach `to`.
+    fn commit_udp(&mut self, to: SocketAddr, len: usize) -> bool;
+    /// Room for the next packet to the TUN, at least `len` bytes long.
+    /// Asking again before committing returns the same bytes.
+    fn tun_slot(&mut self, len: usize) -> &mut [u8];
+    /// Delivers the first `len` bytes of the last TUN slot.
+    fn commit_tun(&mut self, len: usize);
+
+    /// Sends a copy of `datagram`: for handshake messages, cookies and
+    /// keepalives, which are built elsewhere.
+    fn send_udp(&mut self, to: SocketAddr, datagram: &[u8]) -> bool {
+        let len = datagram.len();
+        match self.udp_slot(len).get_mut(..len) {
+            Some(slot) => slot.copy_from_slice(datagram),
+            None => return false,
+        }
+        self.commit_udp(to, len)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,7 +167,12 @@ pub struct DropCounters {
 
 impl DropCounters {
     fn add(&self, reason: DropReason) {
-        self.counts[reason as usize].fetch_add(1, Ordering::Relaxed);
+        self.add_n(reason, 1);
+    }
+
+    /// Counts `n` packets dropped at once, for the I/O shell's batches.
+    pub fn add_n(&self, reason: DropReason, n: u64) {
+        self.counts[reason as usize].fetch_add(n, Ordering::Relaxed);
     }
 
     pub fn get(&self, reason: DropReason) -> u64 {
@@ -281,6 +315,39 @@ impl Peer {
         };
         if tx.send_udp(endpoint, datagram) {
             self.stats.add_tx(datagram.len());
+            self.last_sent = Some(now);
+        } else {
+            counters.add(DropReason::SendFailed);
+        }
+    }
+
+    /// Encrypts `packet` straight into the sink's next UDP slot and sends it.
+    /// Before the first session boringtun queues the packet and writes a
+    /// handshake initiation instead.
+    fn encrypt(
+        &mut self,
+        packet: &[u8],
+        now: Instant,
+        counters: &DropCounters,
+        tx: &mut impl Transmit,
+    ) {
+        let Some(tunn) = self.tunn.as_mut() else {
+            counters.add(DropReason::NoRoute);
+            return;
+        };
+        let slot = tx.udp_slot((packet.len() + DATA_OVERHEAD).max(MIN_UDP_SLOT));
+        let len = match tunn.encapsulate(packet, slot) {
+            TunnResult::WriteToNetwork(datagram) => datagram.len(),
+            TunnResult::Err(_) => return counters.add(DropReason::SendFailed),
+            // Queued inside boringtun until the handshake completes.
+            _ => return,
+        };
+        let Some(endpoint) = self.endpoint else {
+            counters.add(DropReason::NoEndpoint);
+            return;
+        };
+        if tx.commit_udp(endpoint, len) {
+            self.stats.add_tx(len);
             self.last_sent = Some(now);
         } else {
             counters.add(DropReason::SendFailed);
@@ -436,13 +503,7 @@ impl Node {
     }
 
     /// One IP packet read from the TUN: route it to a peer and encrypt it.
-    pub fn handle_tun_packet(
-        &mut self,
-        packet: &mut [u8],
-        buf: &mut [u8],
-        now: Instant,
-        tx: &mut impl Transmit,
-    ) {
+    pub fn handle_tun_packet(&mut self, packet: &mut [u8], now: Instant, tx: &mut impl Transmit) {
         let Some(ip) = IpPacket::new_checked(packet) else {
             self.counters.add(DropReason::Malformed);
             return;
@@ -457,17 +518,8 @@ impl Node {
             self.counters.add(DropReason::NoRoute);
             return;
         };
-        let Some(tunn) = peer.tunn.as_mut() else {
-            self.counters.add(DropReason::NoRoute);
-            return;
-        };
         mss::clamp_mss(packet, self.mss.0, self.mss.1);
-        match tunn.encapsulate(packet, buf) {
-            TunnResult::WriteToNetwork(datagram) => peer.send(datagram, now, &self.counters, tx),
-            TunnResult::Err(_) => self.counters.add(DropReason::SendFailed),
-            // Queued inside boringtun until the handshake completes.
-            _ => {}
-        }
+        peer.encrypt(packet, now, &self.counters, tx);
     }
 
     /// One datagram received on the listen port.
@@ -524,8 +576,27 @@ impl Node {
         };
         let routes = self.routes.load();
         let mut answer_route_request = None;
-        match tunn.decapsulate(Some(from.ip()), datagram, buf) {
-            TunnResult::Err(e) => {
+        // Data is decrypted straight into the TUN's next slot; handshake
+        // messages into the scratch buffer.
+        let outcome = if is_data {
+            let slot = tx.tun_slot(datagram.len());
+            match tunn.decapsulate(Some(from.ip()), datagram, slot) {
+                TunnResult::WriteToNetwork(reply) => match buf.get_mut(..reply.len()) {
+                    Some(copy) => {
+                        copy.copy_from_slice(reply);
+                        Decrypted::Reply(reply.len())
+                    }
+                    None => Decrypted::Nothing,
+                },
+                other => Decrypted::from(other),
+            }
+        } else {
+            Decrypted::from(tunn.decapsulate(Some(from.ip()), datagram, buf))
+        };
+        let is_v4 = matches!(outcome, Decrypted::V4(..));
+        let is_packet = is_v4 || matches!(outcome, Decrypted::V6(..));
+        let inner_len = match outcome {
+            Decrypted::Failed(e) => {
                 return counters.add(match e {
                     WireGuardError::InvalidPacket => DropReason::Malformed,
                     WireGuardError::DuplicateCounter
@@ -537,11 +608,11 @@ impl Node {
                     _ => DropReason::HandshakeFailed,
                 });
             }
-            TunnResult::Done => {}
-            TunnResult::WriteToNetwork(reply) => {
+            Decrypted::Nothing => None,
+            Decrypted::Reply(len) => {
                 // A handshake answer goes back where the message came from.
-                if tx.send_udp(from, reply) {
-                    peer.stats.add_tx(reply.len());
+                if tx.send_udp(from, &buf[..len]) {
+                    peer.stats.add_tx(len);
                     peer.last_sent = Some(now);
                 } else {
                     counters.add(DropReason::SendFailed);
@@ -554,39 +625,52 @@ impl Node {
                         counters.add(DropReason::SendFailed);
                     }
                 }
+                None
             }
-            TunnResult::WriteToTunnelV4(inner, source) => {
-                if routes.peers.lookup_v4(source) != Some(peer.handle) {
-                    counters.add(DropReason::CryptokeyFilter);
-                } else if let Some((requester, message)) = self
-                    .local_v4
-                    .and_then(|local| routes_msg::intercept(inner, local))
-                {
-                    match message {
-                        Ok(routes_msg::Message::Request) => answer_route_request = Some(requester),
-                        Ok(routes_msg::Message::Routes(set)) => {
-                            // Only a peer we trust for routes is listened to.
-                            if peer.route_source.is_some()
-                                && peer.routes_generation != Some(set.generation)
-                            {
-                                peer.routes_generation = Some(set.generation);
-                                self.events.push(Event::RoutesLearned {
-                                    peer: peer.handle,
-                                    routes: set.routes().collect(),
-                                });
-                            }
-                        }
-                        Err(()) => counters.add(DropReason::Malformed),
-                    }
-                } else {
-                    forward(inner, routes, self.mss, counters, tx);
+            Decrypted::V4(len, source) => {
+                (routes.peers.lookup_v4(source) == Some(peer.handle)).then_some(len)
+            }
+            Decrypted::V6(len, source) => {
+                (routes.peers.lookup_v6(source) == Some(peer.handle)).then_some(len)
+            }
+        };
+        if is_packet && inner_len.is_none() {
+            counters.add(DropReason::CryptokeyFilter);
+        }
+        if let Some(len) = inner_len {
+            if !is_data {
+                // Only data messages carry packets; this is belt and braces.
+                if let Some(slot) = tx.tun_slot(len).get_mut(..len) {
+                    slot.copy_from_slice(&buf[..len]);
                 }
             }
-            TunnResult::WriteToTunnelV6(inner, source) => {
-                if routes.peers.lookup_v6(source) == Some(peer.handle) {
-                    forward(inner, routes, self.mss, counters, tx);
-                } else {
-                    counters.add(DropReason::CryptokeyFilter);
+            let inner = &mut tx.tun_slot(len)[..len];
+            let intercepted = match self.local_v4 {
+                Some(local) if is_v4 => routes_msg::intercept(inner, local),
+                _ => None,
+            };
+            match intercepted {
+                Some((requester, Ok(routes_msg::Message::Request))) => {
+                    answer_route_request = Some(requester);
+                }
+                Some((_, Ok(routes_msg::Message::Routes(set)))) => {
+                    // Only a peer we trust for routes is listened to.
+                    if peer.route_source.is_some() && peer.routes_generation != Some(set.generation)
+                    {
+                        peer.routes_generation = Some(set.generation);
+                        self.events.push(Event::RoutesLearned {
+                            peer: peer.handle,
+                            routes: set.routes().collect(),
+                        });
+                    }
+                }
+                Some((_, Err(()))) => counters.add(DropReason::Malformed),
+                None => {
+                    if in_scope(inner, routes, self.mss) {
+                        tx.commit_tun(len);
+                    } else {
+                        counters.add(DropReason::NotAdvertised);
+                    }
                 }
             }
         }
@@ -690,21 +774,37 @@ impl Node {
     }
 }
 
-/// Delivers a packet from a peer to the TUN if its destination is in scope.
-fn forward(
-    inner: &mut [u8],
-    routes: &Routes,
-    mss: (u16, u16),
-    counters: &DropCounters,
-    tx: &mut impl Transmit,
-) {
+/// Whether a packet from a peer may go to the TUN: its destination is in
+/// the forwarding scope. Clamps its MSS on the way.
+fn in_scope(inner: &mut [u8], routes: &Routes, mss: (u16, u16)) -> bool {
     let in_scope = IpPacket::new_checked(inner)
         .is_some_and(|ip| routes.forward.lookup(ip.destination()).is_some());
     if in_scope {
         mss::clamp_mss(inner, mss.0, mss.1);
-        tx.write_tun(inner);
-    } else {
-        counters.add(DropReason::NotAdvertised);
+    }
+    in_scope
+}
+
+/// What one `decapsulate` produced, without the borrow of its buffer.
+enum Decrypted {
+    Nothing,
+    /// A handshake reply of this length, in the scratch buffer.
+    Reply(usize),
+    /// An inner packet of this length and its source.
+    V4(usize, Ipv4Addr),
+    V6(usize, Ipv6Addr),
+    Failed(WireGuardError),
+}
+
+impl From<TunnResult<'_>> for Decrypted {
+    fn from(result: TunnResult<'_>) -> Self {
+        match result {
+            TunnResult::Done => Decrypted::Nothing,
+            TunnResult::Err(e) => Decrypted::Failed(e),
+            TunnResult::WriteToNetwork(reply) => Decrypted::Reply(reply.len()),
+            TunnResult::WriteToTunnelV4(packet, source) => Decrypted::V4(packet.len(), source),
+            TunnResult::WriteToTunnelV6(packet, source) => Decrypted::V6(packet.len(), source),
+        }
     }
 }
 

@@ -8,15 +8,28 @@ use boringtun::x25519::StaticSecret;
 struct Wire {
     sent: Vec<(SocketAddr, Vec<u8>)>,
     tun: Vec<Vec<u8>>,
+    udp_slot: Vec<u8>,
+    tun_slot: Vec<u8>,
 }
 
 impl Transmit for Wire {
-    fn send_udp(&mut self, to: SocketAddr, datagram: &[u8]) -> bool {
-        self.sent.push((to, datagram.to_vec()));
+    fn udp_slot(&mut self, len: usize) -> &mut [u8] {
+        self.udp_slot.resize(len, 0);
+        &mut self.udp_slot
+    }
+    fn commit_udp(&mut self, to: SocketAddr, len: usize) -> bool {
+        self.sent.push((to, self.udp_slot[..len].to_vec()));
         true
     }
-    fn write_tun(&mut self, packet: &[u8]) {
-        self.tun.push(packet.to_vec());
+    fn tun_slot(&mut self, len: usize) -> &mut [u8] {
+        if self.tun_slot.len() < len {
+            self.tun_slot.resize(len, 0);
+        }
+        &mut self.tun_slot
+    }
+    fn commit_tun(&mut self, len: usize) {
+        self.tun.push(self.tun_slot[..len].to_vec());
+        self.tun_slot.clear();
     }
 }
 
@@ -100,7 +113,7 @@ impl Host {
     fn send_ip(&mut self, packet: &[u8]) {
         let mut packet = packet.to_vec();
         self.node
-            .handle_tun_packet(&mut packet, &mut self.buf, Instant::now(), &mut self.wire);
+            .handle_tun_packet(&mut packet, Instant::now(), &mut self.wire);
     }
 
     fn receive(&mut self, from: SocketAddr, datagram: &[u8]) {
