@@ -52,7 +52,7 @@ const TUN_SEGMENTS: usize = 128;
 /// Packets read from the TUN (after splitting) before the loop looks at the
 /// sockets, and datagrams read from one socket before it looks at the TUN.
 /// Large enough to amortise the poll call, small enough to keep latency fair.
-const TURN_BUDGET: usize = 512;
+const TURN_BUDGET: usize = 128;
 
 /// Decrypted packets held for one coalesced TUN write.
 const TUN_WRITE_BATCH: usize = 64;
