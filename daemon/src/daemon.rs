@@ -29,7 +29,7 @@ use crate::core::mss::mss_for_mtu;
 use crate::core::{
     Change, DropCounters, DropReason, Event, PeerHandle, RouteTable, Routes, SharedRoutes,
 };
-use crate::dataplane::{create_tun, Command, Dataplane, UdpSockets};
+use crate::dataplane::{create_tun, Command, Dataplane, Offload, UdpSockets};
 use crate::nat::{Nat, NatState, NftNat};
 use crate::netlink::Netlink;
 use crate::state::{Settings, StateDir, StoredPeer};
@@ -53,6 +53,8 @@ pub struct Options {
     pub socket_group: Option<String>,
     /// Serve Prometheus metrics here (off when None).
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Kernel offloads the data path may use.
+    pub offload: Offload,
 }
 
 /// Everything a change may touch, behind one lock.
@@ -73,6 +75,7 @@ pub struct Daemon {
     dataplane: Dataplane,
     routes: SharedRoutes,
     counters: Arc<DropCounters>,
+    offload: Offload,
 }
 
 fn b64(key: &[u8; 32]) -> String {
@@ -301,7 +304,7 @@ impl Daemon {
 
         let sockets = match plan.listen_port {
             Some(port) => {
-                let sockets = UdpSockets::bind(port, next.fwmark).map_err(|e| {
+                let sockets = UdpSockets::bind(port, next.fwmark, self.offload).map_err(|e| {
                     tracing::warn!("cannot bind UDP port {port}: {e}");
                     e.raw_os_error().unwrap_or(libc::EIO)
                 })?;
@@ -441,11 +444,11 @@ impl Daemon {
             settings.addresses = addresses;
         }
         let sockets = match options.listen_port {
-            Some(port) if port != inner.config.listen_port => {
-                Some(UdpSockets::bind(port, inner.config.fwmark).map_err(|e| {
+            Some(port) if port != inner.config.listen_port => Some(
+                UdpSockets::bind(port, inner.config.fwmark, self.offload).map_err(|e| {
                     format!("cannot listen on UDP port {port}: {e}; nothing was changed")
-                })?)
-            }
+                })?,
+            ),
             _ => None,
         };
         if let Some(sockets) = &sockets {
@@ -1057,7 +1060,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         None => None,
     };
 
-    let tun = create_tun(&options.interface).map_err(|e| {
+    let tun = create_tun(&options.interface, options.offload.tun).map_err(|e| {
         anyhow::anyhow!(
             "cannot create TUN device {}: {e} (is /dev/net/tun present, do we have \
              CAP_NET_ADMIN, and is the name free?)",
@@ -1071,7 +1074,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot configure {}", options.interface))?;
 
-    let sockets = UdpSockets::bind(settings.listen_port, 0)
+    let sockets = UdpSockets::bind(settings.listen_port, 0, options.offload)
         .with_context(|| format!("cannot bind UDP port {}", settings.listen_port))?;
     state.save_settings(&settings)?;
     let port = sockets.port;
@@ -1125,6 +1128,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         dataplane,
         routes,
         counters,
+        offload: options.offload,
     });
     {
         let mut inner = daemon.inner.lock().await;

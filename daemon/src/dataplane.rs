@@ -85,17 +85,47 @@ pub enum Command {
     Shutdown,
 }
 
+/// Which kernel offloads the data path may use. All are on by default and
+/// each still falls back when the kernel lacks it; turning one off is for
+/// measuring what it brings and for testing the fallbacks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Offload {
+    /// `IFF_VNET_HDR` and `TUNSETOFFLOAD` on the TUN.
+    pub tun: bool,
+    /// `UDP_SEGMENT` on send.
+    pub gso: bool,
+    /// `UDP_GRO` on receive.
+    pub gro: bool,
+}
+
+impl Default for Offload {
+    fn default() -> Self {
+        Offload {
+            tun: true,
+            gso: true,
+            gro: true,
+        }
+    }
+}
+
 /// One bound UDP socket and what quinn-udp learned about its kernel: how
 /// many segments one GSO send may carry, and whether GRO is on.
 pub struct Socket {
     socket: UdpSocket,
     state: UdpSocketState,
+    gso: bool,
+    gro: bool,
 }
 
 impl Socket {
-    fn new(fd: OwnedFd, v6: bool) -> io::Result<Socket> {
+    fn new(fd: OwnedFd, v6: bool, offload: Offload) -> io::Result<Socket> {
         let socket = UdpSocket::from(fd);
         let state = UdpSocketState::new((&socket).into())?;
+        let gro = offload.gro && state.gro_segments() > 1;
+        if !gro {
+            // quinn-udp turns GRO on where the kernel has it.
+            let _ = set_int(&socket, libc::SOL_UDP, libc::UDP_GRO, 0);
+        }
         // quinn-udp forbids fragmentation, as QUIC must. A tunnel should
         // not: like kernel WireGuard, let an outer packet that meets a
         // smaller path MTU be fragmented rather than dropped.
@@ -115,7 +145,22 @@ impl Socket {
                 libc::IP_PMTUDISC_DONT,
             )?;
         }
-        Ok(Socket { socket, state })
+        Ok(Socket {
+            socket,
+            state,
+            gso: offload.gso,
+            gro,
+        })
+    }
+
+    /// Datagrams one send may carry: 1 without GSO. quinn-udp lowers its
+    /// figure to 1 if a GSO send fails with EIO or EINVAL.
+    fn max_segments(&self) -> usize {
+        if self.gso {
+            self.state.max_gso_segments()
+        } else {
+            1
+        }
     }
 
     /// Sends `contents`, cut into `segment`-byte datagrams if given. A full
@@ -171,11 +216,11 @@ pub struct UdpSockets {
 
 impl UdpSockets {
     /// Binds the port on both families; port 0 picks one free on both.
-    pub fn bind(port: u16, fwmark: u32) -> io::Result<UdpSockets> {
+    pub fn bind(port: u16, fwmark: u32, offload: Offload) -> io::Result<UdpSockets> {
         let (v4, v6, port) = bind_fds(port, fwmark)?;
         Ok(UdpSockets {
-            v4: Socket::new(v4, false)?,
-            v6: v6.map(|fd| Socket::new(fd, true)).transpose()?,
+            v4: Socket::new(v4, false, offload)?,
+            v6: v6.map(|fd| Socket::new(fd, true, offload)).transpose()?,
             port,
         })
     }
@@ -197,15 +242,12 @@ impl UdpSockets {
 
     /// What the kernel gave us, for the log.
     fn describe(&self) -> String {
-        format!(
-            "UDP GSO {} segments, GRO {}",
-            self.v4.state.max_gso_segments(),
-            if self.v4.state.gro_segments() > 1 {
-                "on"
-            } else {
-                "off"
-            }
-        )
+        let gso = match self.v4.max_segments() {
+            1 => "off".to_string(),
+            n => format!("up to {n} segments"),
+        };
+        let gro = if self.v4.gro { "on" } else { "off" };
+        format!("UDP GSO {gso}, GRO {gro}")
     }
 }
 
@@ -263,14 +305,18 @@ fn udp_socket(family: AddressFamily, fwmark: u32) -> Result<OwnedFd, Errno> {
     Ok(fd)
 }
 
-/// Creates the TUN with offload if the kernel has it, and without if not.
-pub fn create_tun(name: &str) -> io::Result<SyncDevice> {
+/// Creates the TUN with offload if the kernel has it (and `offload` allows),
+/// and without if not.
+pub fn create_tun(name: &str, offload: bool) -> io::Result<SyncDevice> {
     let build = |offload: bool| {
         tun_rs::DeviceBuilder::new()
             .name(name)
             .offload(offload)
             .build_sync()
     };
+    if !offload {
+        return build(false);
+    }
     match build(true) {
         Ok(device) => Ok(device),
         Err(e) => {
@@ -718,7 +764,7 @@ impl Transmit for Port {
         let Some(socket) = self.sockets.for_address(&to) else {
             return false;
         };
-        let max_segments = socket.state.max_gso_segments();
+        let max_segments = socket.max_segments();
         let start = self.send_len;
         match &mut self.run {
             Some(run)

@@ -39,6 +39,11 @@ struct Args {
     /// otherwise it is root-only.
     #[arg(long)]
     socket_group: Option<String>,
+    /// Kernel offloads not to use, comma-separated: tun, gso, gro. Each is
+    /// detected at start and falls back on its own; this is for measuring
+    /// and testing the fallbacks.
+    #[arg(long, value_delimiter = ',', value_parser = ["tun", "gso", "gro"])]
+    no_offload: Vec<String>,
     /// Log level (error, warn, info, debug, trace) or a tracing filter.
     /// Overrides VPCGATE_LOG.
     #[arg(long)]
@@ -106,6 +111,11 @@ fn main() -> ExitCode {
         mtu: args.mtu,
         socket_group: args.socket_group,
         metrics_listen: args.metrics_listen,
+        offload: vpcgated::dataplane::Offload {
+            tun: !args.no_offload.iter().any(|o| o == "tun"),
+            gso: !args.no_offload.iter().any(|o| o == "gso"),
+            gro: !args.no_offload.iter().any(|o| o == "gro"),
+        },
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

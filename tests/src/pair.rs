@@ -39,7 +39,7 @@ pub enum Endpoints {
     BOnly,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct PairSpec {
     pub a: Impl,
     pub b: Impl,
@@ -48,6 +48,9 @@ pub struct PairSpec {
     pub ipv6_endpoints: bool,
     /// Also give both tunnel interfaces fd00:64::N/64 and route it.
     pub inner_ipv6: bool,
+    /// Extra command-line arguments for a vpcgated on side a and side b.
+    pub a_args: Vec<String>,
+    pub b_args: Vec<String>,
 }
 
 impl PairSpec {
@@ -58,6 +61,8 @@ impl PairSpec {
             endpoints: Endpoints::Both,
             ipv6_endpoints: false,
             inner_ipv6: false,
+            a_args: Vec::new(),
+            b_args: Vec::new(),
         }
     }
 }
@@ -111,7 +116,13 @@ pub struct Pair {
     pub b: Node,
 }
 
-fn start_node(ns: Netns, imp: Impl, index: u8, inner_ipv6: bool) -> Result<Node> {
+fn start_node(
+    ns: Netns,
+    imp: Impl,
+    index: u8,
+    inner_ipv6: bool,
+    extra_args: &[String],
+) -> Result<Node> {
     let port = 51819 + u16::from(index);
     let tunnel4 = Ipv4Addr::new(100, 64, 0, index);
     let tunnel6 = inner_ipv6.then(|| Ipv6Addr::new(0xfd00, 0x64, 0, 0, 0, 0, 0, u16::from(index)));
@@ -131,11 +142,9 @@ fn start_node(ns: Netns, imp: Impl, index: u8, inner_ipv6: bool) -> Result<Node>
         Impl::Vpcgated => {
             // vpcgated takes both tunnel addresses through --address, so it
             // knows both tunnel networks and forwards to them.
-            let dev = WgDev::vpcgated(
-                &ns,
-                &format!("v{role}"),
-                &VpcgatedConfig::new(port, &addrs.join(",")),
-            )?;
+            let mut config = VpcgatedConfig::new(port, &addrs.join(","));
+            config.extra_args = extra_args.to_vec();
+            let dev = WgDev::vpcgated(&ns, &format!("v{role}"), &config)?;
             let pk = dev.public_key()?;
             (dev, pk)
         }
@@ -165,8 +174,10 @@ impl Pair {
             &["198.18.0.1/24", "fd00:18::1/64"],
             &["198.18.0.2/24", "fd00:18::2/64"],
         )?;
-        let a = start_node(ns_a, spec.a, 1, spec.inner_ipv6).context("starting node a")?;
-        let b = start_node(ns_b, spec.b, 2, spec.inner_ipv6).context("starting node b")?;
+        let a = start_node(ns_a, spec.a, 1, spec.inner_ipv6, &spec.a_args)
+            .context("starting node a")?;
+        let b = start_node(ns_b, spec.b, 2, spec.inner_ipv6, &spec.b_args)
+            .context("starting node b")?;
         let a_knows_b = matches!(spec.endpoints, Endpoints::Both | Endpoints::AOnly);
         let b_knows_a = matches!(spec.endpoints, Endpoints::Both | Endpoints::BOnly);
         for (this, other, knows) in [(&a, &b, a_knows_b), (&b, &a, b_knows_a)] {

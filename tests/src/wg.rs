@@ -525,6 +525,11 @@ impl WgDev {
     pub fn check_running(&mut self) -> Result<()> {
         self.proc.check_running()
     }
+
+    /// The last `max` bytes of the process's log.
+    pub fn log_tail(&self, max: u64) -> String {
+        self.proc.log_tail(max)
+    }
 }
 
 #[cfg(test)]

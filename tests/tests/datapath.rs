@@ -85,3 +85,46 @@ fn ipv6_inner_over_ipv6_underlay() {
         .check_running()
         .expect("vpcgated b still running");
 }
+
+/// Each kernel offload falls back on its own. Side a runs with none of them
+/// (one packet per TUN read and write, one datagram per send and per
+/// receive slot), side b with all of them, so every combination of a
+/// batching sender and a plain receiver is crossed in the two directions.
+#[test]
+fn without_kernel_offloads() {
+    require_root();
+    let mut spec = PairSpec::new(Impl::Vpcgated, Impl::Vpcgated);
+    spec.a_args = vec!["--no-offload".into(), "tun,gso,gro".into()];
+    let mut pair = Pair::new(spec).expect("set up two vpcgated namespaces");
+
+    wait_for_ping(&pair.a.ns, &pair.b.t4(), &[], Duration::from_secs(20))
+        .expect("first ping a -> b");
+    let (a, b) = (&pair.a, &pair.b);
+    tcp_transfer(&b.ns, &a.ns, IpAddr::V4(b.tunnel4), 5201, 50 * MB)
+        .expect("50 MB each way between a plain and an offloading vpcgated");
+
+    // The flag must really have turned the offloads off on a, and the
+    // kernel must really have given them to b, or this proves nothing.
+    let plain = a.dev.log_tail(64 * 1024);
+    assert!(
+        plain.contains("TUN offload off, UDP GSO off, GRO off"),
+        "side a should run without offloads; its log:\n{plain}"
+    );
+    let offloading = b.dev.log_tail(64 * 1024);
+    assert!(
+        offloading.contains("TUN offload on, UDP GSO up to"),
+        "side b should run with offloads; its log:\n{offloading}"
+    );
+    assert!(
+        offloading.contains("GRO on"),
+        "side b should receive with GRO; its log:\n{offloading}"
+    );
+    pair.a
+        .dev
+        .check_running()
+        .expect("vpcgated a still running");
+    pair.b
+        .dev
+        .check_running()
+        .expect("vpcgated b still running");
+}
