@@ -129,7 +129,11 @@ def pair_figures(results, pair, run):
     for side in ("A", "B"):
         ticks = int(stats[f"CPU_{side}_AFTER"]) - int(stats[f"CPU_{side}_BEFORE"])
         cpu[side] = (ticks / clk) / gb if gb > 0 else None
-    mem = {k: int(v) / 1024 for k, v in stats.items() if k.startswith(("IDLE_RSS_", "HWM_"))}
+    mem = {
+        k: int(v) / 1024
+        for k, v in stats.items()
+        if k.startswith(("IDLE_RSS_", "HWM_", "PEERS_RSS"))
+    }
     return {
         "tcp1": tcp1,
         "tcp1r": tcp_figures(os.path.join(d, "tcp1r.json")),
@@ -183,6 +187,7 @@ def net_table(results, run):
         ("RSS after start + handshake, B (MiB)", lambda f: f["mem"]["IDLE_RSS_B"], 1),
         ("peak RSS (VmHWM), A (MiB)", lambda f: f["mem"]["HWM_A"], 1),
         ("peak RSS (VmHWM), B (MiB)", lambda f: f["mem"]["HWM_B"], 1),
+        ("RSS with 1,000 peers configured (MiB)", lambda f: f["mem"].get("PEERS_RSS"), 1),
     ]
     head = ["", *[name for _, name in PAIRS], "vpcgated / wireguard-go"]
     lines = [

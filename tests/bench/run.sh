@@ -2,7 +2,7 @@
 # Network benchmark: vpcgated against Debian's wireguard-go, side by side in
 # one run, in two network namespaces joined by a veth.
 #
-#   sudo tests/bench/run.sh [--no-record] [--no-build] [--perf] [--keep]
+#   sudo tests/bench/run.sh [--no-record] [--no-build] [--perf] [--steps] [--keep]
 #
 # Three pairs are set up at once: vpcgated ↔ vpcgated, wireguard-go ↔
 # wireguard-go, and vpcgated (A) → wireguard-go (B). Each measurement then
@@ -23,6 +23,9 @@
 # $VPCGATE_BIN_DIR (default: the target directory's release/). --perf adds
 # a fourth, profiled vpcgated pair after the table's runs and prints where
 # each side spends its time (needs perf: apt-get install linux-perf).
+# --steps adds, after the table, single-stream TCP through vpcgated pairs
+# with the kernel offloads turned on one at a time (--no-offload), each
+# beside a wireguard-go run measured just before it.
 # --keep leaves the logs and raw iperf3/ping/perf output in /tmp.
 #
 # Environment knobs, for quick trial runs: BENCH_SECONDS (10), BENCH_UDP_RATE
@@ -47,12 +50,14 @@ TUNNEL_MTU=1420
 RECORD=1
 BUILD=1
 PERF=0
+STEPS=0
 KEEP=0
 for arg in "$@"; do
     case $arg in
         --no-record) RECORD=0 ;;
         --no-build) BUILD=0 ;;
         --perf) PERF=1 ;;
+        --steps) STEPS=1 ;;
         --keep) KEEP=1 ;;
         -h | --help)
             sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
@@ -253,13 +258,15 @@ link_ready() { # ns ifname address
     [[ $out == *" $3 "* ]] && ip -n "$1" -o link show dev "$2" | grep -q "[<,]UP[,>].* mtu $TUNNEL_MTU "
 }
 
-# start_vpcgated NS IFNAME ADDRESS PORT: sets STARTED_PID.
+# start_vpcgated NS IFNAME ADDRESS PORT: sets STARTED_PID. Passes the
+# arguments in VPCGATED_ARGS too.
+VPCGATED_ARGS=()
 start_vpcgated() {
     local ns=$1 ifn=$2 addr=$3 port=$4
     IFACES+=("$ifn")
     ip netns exec "$ns" "$VPCGATED" --interface "$ifn" --state-dir "$WORK/$ifn.state" \
         --socket "$WORK/$ifn.ctl" --listen-port "$port" --address "$addr" \
-        --log-level warn >"$WORK/vpcgated-$ifn.log" 2>&1 &
+        --log-level warn "${VPCGATED_ARGS[@]}" >"$WORK/vpcgated-$ifn.log" 2>&1 &
     STARTED_PID=$!
     PIDS+=("$STARTED_PID")
     wait_for 20 "$STARTED_PID" "vpcgated $ifn to answer wg show" in_ns "$ns" wg show "$ifn"
@@ -396,6 +403,28 @@ measure_ping_under_load() {
     done
 }
 
+# measure_peers KEY KIND: a fresh daemon of KIND given 1,000 peers by `wg
+# setconf` (random keys, a /32 and an endpoint each); records its RSS.
+measure_peers() {
+    local key=$1 kind=$2 ifn=vgb${ID}9${1:0:1} conf
+    log "RSS of $kind with 1,000 peers"
+    "start_$kind" "$NS_A" "$ifn" "100.64.9.1/16" $((BASE_PORT + 9))
+    conf=$WORK/$ifn-peers.conf
+    python3 - "$conf" <<'PY'
+import base64, os, sys
+with open(sys.argv[1], "w") as f:
+    f.write("[Interface]\nPrivateKey = %s\nListenPort = 51829\n" % base64.b64encode(os.urandom(32)).decode())
+    for i in range(1000):
+        f.write("[Peer]\nPublicKey = %s\nAllowedIPs = 100.65.%d.%d/32\nEndpoint = 198.18.0.2:%d\n"
+                % (base64.b64encode(os.urandom(32)).decode(), i // 250, i % 250 + 1, 40000 + i))
+PY
+    in_a wg setconf "$ifn" "$conf" || die "wg setconf of 1,000 peers on $kind failed"
+    [ "$(in_a wg show "$ifn" peers | wc -l)" = 1000 ] || die "$kind does not list 1,000 peers"
+    sleep 2
+    echo "PEERS_RSS=$(status_kib "$STARTED_PID" VmRSS)" >>"$RESULTS/$key/stats.env"
+    stop_pid "$STARTED_PID"
+}
+
 # perf_pair: a fourth vpcgated pair, profiled with perf during a 1-stream TCP
 # run. Profiling slows what it watches, so it stays out of the table.
 perf_pair() {
@@ -428,8 +457,8 @@ summarize_perf() {
     awk '!/^#/ && NF >= 2 { if ($2 == "[kernel.kallsyms]") k += $1; else u += $1 }
         END { printf "   %6.1f%%  kernel\n   %6.1f%%  user space (vpcgated, libc)\n", k, u }' <<<"$dsos"
     local entry sym what
-    for entry in "__x64_sys_sendto|UDP sendto (incl. the veth and the peer's receive softirq)" \
-        "__x64_sys_recvfrom|UDP recvfrom" "ksys_read|TUN read" \
+    for entry in "__x64_sys_sendmsg|UDP sendmsg, GSO (incl. the veth and the peer's receive softirq)" \
+        "__x64_sys_recvmmsg|UDP recvmmsg, GRO" "ksys_read|TUN read" \
         "ksys_write|TUN write (incl. the inner packet's local delivery)" \
         "do_sys_poll|poll" "chacha20_poly1305_seal|ChaCha20-Poly1305 seal" \
         "chacha20_poly1305_open|ChaCha20-Poly1305 open" "__schedule|scheduler (waits, wake-ups)"; do
@@ -486,6 +515,8 @@ for key in vv gg vg; do
     } >>"$RESULTS/$key/stats.env"
     teardown_pair "$key"
 done
+measure_peers vv vpcgated
+measure_peers gg wireguard_go
 echo "LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)" >>"$RESULTS/run.env"
 log "measured in $((SECONDS - start))s"
 
@@ -496,4 +527,34 @@ fi
 "${report[@]}"
 if ((PERF)); then
     perf_pair
+fi
+
+# steps: one offload at a time, each variant's single-stream TCP beside a
+# wireguard-go run measured just before it.
+gbits() { python3 -c "import json,sys; print('%.2f' % (json.load(open(sys.argv[1]))['end']['sum_received']['bits_per_second'] / 1e9))" "$1"; }
+if ((STEPS)); then
+    setup_pair gg 2 wireguard_go wireguard_go
+    echo
+    echo "Single-stream TCP, A→B, ${SECONDS_PER_TEST}s, offloads turned on one at a time:"
+    echo
+    echo "| vpcgated offloads | vpcgated (Gbit/s) | wireguard-go (Gbit/s) | ratio |"
+    echo "|---|---:|---:|---:|"
+    idx=5
+    for step in "none|tun,gso,gro" "TUN|gso,gro" "TUN + UDP GSO|gro" "TUN + UDP GSO + GRO|"; do
+        name=${step%%|*}
+        off=${step#*|}
+        VPCGATED_ARGS=()
+        [ -n "$off" ] && VPCGATED_ARGS=(--no-offload "$off")
+        setup_pair "s$idx" "$idx" vpcgated vpcgated
+        VPCGATED_ARGS=()
+        mkdir -p "$RESULTS/steps"
+        iperf gg "$RESULTS/steps/gg-$idx.json" -t "$SECONDS_PER_TEST"
+        iperf "s$idx" "$RESULTS/steps/vv-$idx.json" -t "$SECONDS_PER_TEST"
+        v=$(gbits "$RESULTS/steps/vv-$idx.json")
+        g=$(gbits "$RESULTS/steps/gg-$idx.json")
+        echo "| $name | $v | $g | $(python3 -c "print('%.2f×' % ($v / $g))") |"
+        teardown_pair "s$idx"
+        idx=$((idx + 1))
+    done
+    teardown_pair gg
 fi
