@@ -12,6 +12,7 @@
 //! an `arc_swap::Cache`, and statistics are plain atomic stores by their only
 //! writer.
 
+mod limiter;
 pub mod mss;
 pub mod packet;
 pub mod routes_msg;
@@ -31,6 +32,7 @@ use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use zeroize::Zeroizing;
 
+use limiter::SourceLimiter;
 use packet::IpPacket;
 pub use table::RouteTable;
 
@@ -129,10 +131,12 @@ pub enum DropReason {
     /// From a peer, to a destination outside the advertised ranges and the
     /// tunnel networks.
     NotAdvertised,
+    /// A handshake initiation beyond its source address's share.
+    RateLimited,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 9] = [
+    pub const ALL: [DropReason; 10] = [
         DropReason::NoRoute,
         DropReason::NoEndpoint,
         DropReason::CryptokeyFilter,
@@ -142,6 +146,7 @@ impl DropReason {
         DropReason::DecryptFailed,
         DropReason::SendFailed,
         DropReason::NotAdvertised,
+        DropReason::RateLimited,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -155,6 +160,7 @@ impl DropReason {
             DropReason::DecryptFailed => "decrypt_failed",
             DropReason::SendFailed => "send_failed",
             DropReason::NotAdvertised => "not_advertised",
+            DropReason::RateLimited => "rate_limited",
         }
     }
 }
@@ -374,6 +380,8 @@ pub struct Node {
     /// Route messages are built here, then encrypted into the caller's buffer.
     control_buf: Box<[u8; routes_msg::MAX_PACKET]>,
     events: Vec<Event>,
+    /// Handshake initiations per source address.
+    sources: SourceLimiter,
 }
 
 impl Node {
@@ -393,6 +401,7 @@ impl Node {
             wall_at: (now, UNIX_EPOCH),
             control_buf: Box::new([0; routes_msg::MAX_PACKET]),
             events: Vec::new(),
+            sources: SourceLimiter::new(now),
         }
     }
 
@@ -538,6 +547,9 @@ impl Node {
                 let Some(identity) = self.identity.as_ref() else {
                     return counters.add(DropReason::UnknownPeer);
                 };
+                if !self.sources.allow(from.ip(), now) {
+                    return counters.add(DropReason::RateLimited);
+                }
                 // mac1 (and, under load, the cookie) is checked before the
                 // Diffie-Hellman that identifies the sender.
                 let init = match identity
@@ -552,7 +564,9 @@ impl Node {
                         }
                         return;
                     }
-                    Err(_) => return counters.add(DropReason::HandshakeFailed),
+                    // A bad mac1: not meant for us, and checked without
+                    // any Diffie-Hellman.
+                    Err(_) => return counters.add(DropReason::Malformed),
                 };
                 let Ok(half) = parse_handshake_anon(&identity.secret, &identity.public, &init)
                 else {

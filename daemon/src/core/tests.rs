@@ -381,25 +381,29 @@ proptest::proptest! {
 
 #[test]
 fn under_load_initiations_get_cookie_replies() {
-    let (a, mut b) = pair();
-    // A stand-in for host a that can force a fresh initiation each time;
-    // every one carries a valid mac1 for b.
+    let (_a, mut b) = pair();
+    // A stand-in that can force a fresh initiation each time, from a new
+    // source address each time (many hosts, or spoofing): every one
+    // carries a valid mac1 for b, and no source exceeds its own share.
     let secret = StaticSecret::random_from_rng(rand_core::OsRng);
     b.add_peer(C, PublicKey::from(&secret).to_bytes(), None, &[]);
     let mut flooder = Tunn::new(secret, PublicKey::from(b.public), None, None, 9, None);
     let mut scratch = vec![0u8; BUF_SIZE];
     let mut cookies = 0;
     let mut responses = 0;
-    for _ in 0..400 {
+    for i in 0..400u16 {
         let TunnResult::WriteToNetwork(init) =
             flooder.format_handshake_initiation(&mut scratch, true)
         else {
             panic!("boringtun did not format an initiation");
         };
         let init = init.to_vec();
-        b.receive(a.addr, &init);
+        let from: SocketAddr = format!("198.19.{}.{}:4000", i / 200, i % 200 + 1)
+            .parse()
+            .expect("address");
+        b.receive(from, &init);
         for (to, reply) in b.wire.sent.drain(..) {
-            assert_eq!(to, a.addr, "replies go to the sender");
+            assert_eq!(to, from, "replies go to the sender");
             match reply[0] {
                 2 => responses += 1,
                 3 => cookies += 1,
@@ -410,6 +414,56 @@ fn under_load_initiations_get_cookie_replies() {
     assert!(responses > 0, "before the limit, initiations are answered");
     assert!(cookies > 0, "past the limit, b must demand a cookie");
     assert_eq!(responses + cookies, 400);
+}
+
+#[test]
+fn a_flood_from_one_address_is_dropped_and_others_still_handshake() {
+    let (mut a, mut b) = pair();
+    let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+    b.add_peer(C, PublicKey::from(&secret).to_bytes(), None, &[]);
+    let mut flooder = Tunn::new(secret, PublicKey::from(b.public), None, None, 9, None);
+    let mut scratch = vec![0u8; BUF_SIZE];
+    let attacker = "198.19.0.66";
+    let start = Instant::now();
+    for port in 0..400u16 {
+        let TunnResult::WriteToNetwork(init) =
+            flooder.format_handshake_initiation(&mut scratch, true)
+        else {
+            panic!("boringtun did not format an initiation");
+        };
+        let init = init.to_vec();
+        let from: SocketAddr = format!("{attacker}:{}", 1024 + port)
+            .parse()
+            .expect("address");
+        b.receive(from, &init);
+    }
+    // The first few are answered, the rest dropped without a reply, and
+    // none of it puts b under load: nothing was a cookie.
+    // The source's share: a burst of 5, then 20 a second while the loop ran.
+    let share = 5 + (start.elapsed().as_secs_f64() * 20.0).ceil() as usize;
+    let replies: Vec<u8> = b.wire.sent.drain(..).map(|(_, r)| r[0]).collect();
+    assert!(
+        !replies.is_empty() && replies.len() <= share,
+        "at most {share} answered: {replies:?}"
+    );
+    assert!(
+        replies.iter().all(|&t| t == 2),
+        "responses, not cookies: {replies:?}"
+    );
+    assert_eq!(
+        b.dropped(DropReason::RateLimited),
+        400 - replies.len() as u64
+    );
+
+    // A real peer elsewhere handshakes at once, without a cookie round.
+    let hello = ipv4("100.64.0.2", "100.64.0.1", b"hello");
+    a.send_ip(&hello);
+    settle(&mut [&mut a, &mut b]);
+    assert_eq!(
+        b.wire.tun,
+        vec![hello],
+        "a's handshake and packet got through"
+    );
 }
 
 /// A TCP SYN from `src` to `dst` announcing MSS 1460.
