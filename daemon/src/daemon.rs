@@ -82,7 +82,7 @@ fn b64(key: &[u8; 32]) -> String {
     base64::engine::general_purpose::STANDARD.encode(key)
 }
 
-fn parse_key(text: &str) -> Result<Key, String> {
+pub(crate) fn parse_key(text: &str) -> Result<Key, String> {
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(text.trim())
         .map_err(|_| format!("{text:?} is not a base64 WireGuard key (as `wg pubkey` prints)"))?;
@@ -131,7 +131,7 @@ fn nat_state(interface: &str, settings: &Settings) -> NatState {
     }
 }
 
-fn stored_peers(config: &DeviceConfig) -> Vec<StoredPeer> {
+pub(crate) fn stored_peers(config: &DeviceConfig) -> Vec<StoredPeer> {
     config
         .peers
         .iter()
@@ -151,7 +151,7 @@ fn stored_peers(config: &DeviceConfig) -> Vec<StoredPeer> {
 }
 
 /// Rebuilds the peers saved on disk into a configuration.
-fn restore_peers(
+pub(crate) fn restore_peers(
     config: &mut DeviceConfig,
     stored: &[StoredPeer],
     path: &Path,

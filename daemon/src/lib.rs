@@ -11,6 +11,8 @@ pub mod control;
 pub mod core;
 pub mod daemon;
 pub mod dataplane;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod nat;
 pub mod netlink;

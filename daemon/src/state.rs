@@ -147,7 +147,7 @@ impl StateDir {
     pub fn load_or_create_key(&self) -> Result<(Key, bool), StateError> {
         let path = self.path(KEY_FILE);
         match read_optional(&path)? {
-            Some(text) => Ok((parse_key(&path, &text)?, false)),
+            Some(text) => Ok((parse_key_file(&text).map_err(|e| corrupt(path, e))?, false)),
             None => {
                 let key = generate_key();
                 self.save_key(&key)?;
@@ -157,9 +157,7 @@ impl StateDir {
     }
 
     pub fn save_key(&self, key: &Key) -> Result<(), StateError> {
-        let mut text = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(key.0));
-        text.push('\n');
-        write_atomic(&self.path(KEY_FILE), text.as_bytes())
+        write_atomic(&self.path(KEY_FILE), encode_key_file(key).as_bytes())
     }
 
     pub fn load_settings(&self) -> Result<Option<Settings>, StateError> {
@@ -167,12 +165,9 @@ impl StateDir {
         let Some(text) = read_optional(&path)? else {
             return Ok(None);
         };
-        serde_json::from_str(&text)
+        parse_settings(&text)
             .map(Some)
-            .map_err(|e| StateError::Corrupt {
-                path,
-                reason: e.to_string(),
-            })
+            .map_err(|e| corrupt(path, e))
     }
 
     pub fn load_peers(&self) -> Result<Vec<StoredPeer>, StateError> {
@@ -180,30 +175,88 @@ impl StateDir {
         let Some(text) = read_optional(&path)? else {
             return Ok(Vec::new());
         };
-        serde_json::from_str(&text).map_err(|e| StateError::Corrupt {
-            path,
-            reason: e.to_string(),
-        })
+        parse_peers(&text).map_err(|e| corrupt(path, e))
     }
 
     pub fn save_peers(&self, peers: &[StoredPeer]) -> Result<(), StateError> {
-        let json = serde_json::to_vec_pretty(peers).map_err(|e| StateError::Write {
-            path: self.path(PEERS_FILE),
-            source: io::Error::other(e),
+        let path = self.path(PEERS_FILE);
+        let json = encode_peers(peers).map_err(|source| StateError::Write {
+            path: path.clone(),
+            source,
         })?;
-        let mut json = Zeroizing::new(json);
-        json.push(b'\n');
-        write_atomic(&self.path(PEERS_FILE), &json)
+        write_atomic(&path, &json)
     }
 
     pub fn save_settings(&self, settings: &Settings) -> Result<(), StateError> {
-        let mut json = serde_json::to_vec_pretty(settings).map_err(|e| StateError::Write {
-            path: self.path(SETTINGS_FILE),
-            source: io::Error::other(e),
+        let path = self.path(SETTINGS_FILE);
+        let json = encode_settings(settings).map_err(|source| StateError::Write {
+            path: path.clone(),
+            source,
         })?;
-        json.push(b'\n');
-        write_atomic(&self.path(SETTINGS_FILE), &json)
+        write_atomic(&path, &json)
     }
+}
+
+// The parsers and encoders below are the loader's and the saver's only
+// steps between bytes and values. They are pure, so the fuzz targets and
+// their corpus replay exercise exactly what a start-up or a reload runs.
+
+/// Parses the contents of `private.key`: one base64 key, surrounding
+/// whitespace allowed. The error is the reason the file is corrupt.
+pub fn parse_key_file(text: &str) -> Result<Key, String> {
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return Err("the file is empty".into());
+    }
+    let bytes = Zeroizing::new(
+        base64::engine::general_purpose::STANDARD
+            .decode(trimmed)
+            .map_err(|_| "not base64".to_string())?,
+    );
+    let key: [u8; 32] = bytes
+        .as_slice()
+        .try_into()
+        .map_err(|_| "not a 32-byte key".to_string())?;
+    let key = Key(key);
+    if key.is_zero() {
+        return Err("the key is all zeros".into());
+    }
+    Ok(key)
+}
+
+/// What `save_key` writes.
+pub fn encode_key_file(key: &Key) -> Zeroizing<String> {
+    let mut text = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(key.0));
+    text.push('\n');
+    text
+}
+
+/// Parses the contents of `settings.json`.
+pub fn parse_settings(text: &str) -> Result<Settings, String> {
+    serde_json::from_str(text).map_err(|e| e.to_string())
+}
+
+/// What `save_settings` writes.
+pub fn encode_settings(settings: &Settings) -> io::Result<Vec<u8>> {
+    let mut json = serde_json::to_vec_pretty(settings).map_err(io::Error::other)?;
+    json.push(b'\n');
+    Ok(json)
+}
+
+/// Parses the contents of `peers.json`.
+pub fn parse_peers(text: &str) -> Result<Vec<StoredPeer>, String> {
+    serde_json::from_str(text).map_err(|e| e.to_string())
+}
+
+/// What `save_peers` writes; it holds client private keys.
+pub fn encode_peers(peers: &[StoredPeer]) -> io::Result<Zeroizing<Vec<u8>>> {
+    let mut json = Zeroizing::new(serde_json::to_vec_pretty(peers).map_err(io::Error::other)?);
+    json.push(b'\n');
+    Ok(json)
+}
+
+fn corrupt(path: PathBuf, reason: String) -> StateError {
+    StateError::Corrupt { path, reason }
 }
 
 fn read_optional(path: &Path) -> Result<Option<Zeroizing<String>>, StateError> {
@@ -219,31 +272,6 @@ fn read_optional(path: &Path) -> Result<Option<Zeroizing<String>>, StateError> {
             source,
         }),
     }
-}
-
-fn parse_key(path: &Path, text: &str) -> Result<Key, StateError> {
-    let corrupt = |reason: &str| StateError::Corrupt {
-        path: path.to_path_buf(),
-        reason: reason.into(),
-    };
-    let trimmed = text.trim();
-    if trimmed.is_empty() {
-        return Err(corrupt("the file is empty"));
-    }
-    let bytes = Zeroizing::new(
-        base64::engine::general_purpose::STANDARD
-            .decode(trimmed)
-            .map_err(|_| corrupt("not base64"))?,
-    );
-    let key: [u8; 32] = bytes
-        .as_slice()
-        .try_into()
-        .map_err(|_| corrupt("not a 32-byte key"))?;
-    let key = Key(key);
-    if key.is_zero() {
-        return Err(corrupt("the key is all zeros"));
-    }
-    Ok(key)
 }
 
 /// A new Curve25519 private key, clamped as `wg genkey` does.
