@@ -48,6 +48,9 @@ pub struct PairSpec {
     pub ipv6_endpoints: bool,
     /// Also give both tunnel interfaces fd00:64::N/64 and route it.
     pub inner_ipv6: bool,
+    /// Prefix length of the tunnel IPv4 addresses (100.64.0.N/len): 24
+    /// unless a test needs more of 100.64.0.0/10 routed into the tunnel.
+    pub tunnel_prefix_len: u8,
 }
 
 impl PairSpec {
@@ -58,6 +61,7 @@ impl PairSpec {
             endpoints: Endpoints::Both,
             ipv6_endpoints: false,
             inner_ipv6: false,
+            tunnel_prefix_len: 24,
         }
     }
 }
@@ -96,7 +100,9 @@ impl Node {
         self.tunnel6.map(|a| a.to_string()).unwrap_or_default()
     }
 
-    fn allowed_ips(&self) -> Vec<String> {
+    /// What the other side lists as this node's allowed IPs: the tunnel
+    /// /32 and, with inner IPv6, the /128.
+    pub fn allowed_ips(&self) -> Vec<String> {
         let mut v = vec![format!("{}/32", self.tunnel4)];
         if let Some(t6) = self.tunnel6 {
             v.push(format!("{t6}/128"));
@@ -111,11 +117,18 @@ pub struct Pair {
     pub b: Node,
 }
 
-fn start_node(ns: Netns, imp: Impl, index: u8, inner_ipv6: bool) -> Result<Node> {
+/// Starts node number `index` (1 = a, 2 = b) in `ns`: listen port
+/// 51819 + index, tunnel 100.64.0.index (and fd00:64::index with
+/// `spec.inner_ipv6`). Its underlay addresses are taken to be 198.18.0.index
+/// and fd00:18::index; a test with another underlay overwrites the fields.
+/// No peers are configured.
+pub fn start_node(ns: Netns, imp: Impl, index: u8, spec: &PairSpec) -> Result<Node> {
     let port = 51819 + u16::from(index);
     let tunnel4 = Ipv4Addr::new(100, 64, 0, index);
-    let tunnel6 = inner_ipv6.then(|| Ipv6Addr::new(0xfd00, 0x64, 0, 0, 0, 0, 0, u16::from(index)));
-    let mut addrs = vec![format!("{tunnel4}/24")];
+    let tunnel6 = spec
+        .inner_ipv6
+        .then(|| Ipv6Addr::new(0xfd00, 0x64, 0, 0, 0, 0, 0, u16::from(index)));
+    let mut addrs = vec![format!("{tunnel4}/{}", spec.tunnel_prefix_len)];
     if let Some(t6) = tunnel6 {
         addrs.push(format!("{t6}/64"));
     }
@@ -165,8 +178,8 @@ impl Pair {
             &["198.18.0.1/24", "fd00:18::1/64"],
             &["198.18.0.2/24", "fd00:18::2/64"],
         )?;
-        let a = start_node(ns_a, spec.a, 1, spec.inner_ipv6).context("starting node a")?;
-        let b = start_node(ns_b, spec.b, 2, spec.inner_ipv6).context("starting node b")?;
+        let a = start_node(ns_a, spec.a, 1, &spec).context("starting node a")?;
+        let b = start_node(ns_b, spec.b, 2, &spec).context("starting node b")?;
         let a_knows_b = matches!(spec.endpoints, Endpoints::Both | Endpoints::AOnly);
         let b_knows_a = matches!(spec.endpoints, Endpoints::Both | Endpoints::BOnly);
         for (this, other, knows) in [(&a, &b, a_knows_b), (&b, &a, b_knows_a)] {
