@@ -158,10 +158,35 @@ pub fn public_key_of(private: &Key) -> [u8; 32] {
     PublicKey::from(&StaticSecret::from(private.0)).to_bytes()
 }
 
+/// Clears and sets the bits X25519 ignores, as the kernel and wireguard-go
+/// do when a key is set, so `wg show` reads back the key actually in use.
+fn clamped(mut key: Key) -> Key {
+    key.0[0] &= 248;
+    key.0[31] = (key.0[31] & 127) | 64;
+    key
+}
+
+/// Which peer holds each allowed IP.
+fn owner_index(peers: &[PeerConfig]) -> HashMap<IpNet, PeerHandle> {
+    peers
+        .iter()
+        .flat_map(|p| p.allowed_ips.iter().map(move |net| (*net, p.handle)))
+        .collect()
+}
+
+/// Forgets that `handle` holds `nets`.
+fn disown(owners: &mut HashMap<IpNet, PeerHandle>, nets: &[IpNet], handle: PeerHandle) {
+    for net in nets {
+        if owners.get(net) == Some(&handle) {
+            owners.remove(net);
+        }
+    }
+}
+
 impl DeviceConfig {
     pub fn new(private_key: Option<Key>, listen_port: u16) -> Self {
         DeviceConfig {
-            private_key,
+            private_key: private_key.map(clamped),
             listen_port,
             ..DeviceConfig::default()
         }
@@ -239,7 +264,7 @@ impl DeviceConfig {
         let next = self;
 
         if let Some(private_key) = req.private_key {
-            next.private_key = private_key;
+            next.private_key = private_key.map(clamped);
             // As in the kernel: a peer with our own public key is dropped.
             if let Some(own) = next.public_key() {
                 next.peers.retain(|p| p.public_key.0 != own);
@@ -262,6 +287,10 @@ impl DeviceConfig {
         }
 
         let own = next.public_key();
+        // Built on first use and kept in step with every change below:
+        // finding owners by scanning the peers' lists would make a request
+        // with n allowed IPs cost O(n²) (130,000 of them took seconds).
+        let mut owners: Option<HashMap<IpNet, PeerHandle>> = None;
         for change in req.peers {
             // The kernel silently ignores a peer that is ourselves.
             if Some(change.public_key.0) == own {
@@ -273,7 +302,10 @@ impl DeviceConfig {
                 .position(|p| p.public_key == change.public_key);
             if change.remove {
                 if let Some(i) = existing {
-                    next.peers.remove(i);
+                    let gone = next.peers.remove(i);
+                    if let Some(owners) = owners.as_mut() {
+                        disown(owners, &gone.allowed_ips, gone.handle);
+                    }
                 }
                 continue;
             }
@@ -295,23 +327,34 @@ impl DeviceConfig {
             if let Some(keepalive) = change.persistent_keepalive {
                 peer.persistent_keepalive = keepalive;
             }
+            let handle = peer.handle;
             if change.replace_allowed_ips {
+                if let Some(owners) = owners.as_mut() {
+                    disown(owners, &peer.allowed_ips, handle);
+                }
                 peer.allowed_ips.clear();
             }
-            let handle = peer.handle;
+            if change.allowed_ips.is_empty() {
+                continue;
+            }
+            let owners = owners.get_or_insert_with(|| owner_index(&next.peers));
             for ip in change.allowed_ips {
                 if ip.remove {
+                    disown(owners, &[ip.net], handle);
                     next.peers[index].allowed_ips.retain(|n| *n != ip.net);
                     continue;
                 }
-                // An allowed IP has one owner: giving it to this peer takes it
-                // from any other, as in the kernel.
-                for other in next.peers.iter_mut().filter(|p| p.handle != handle) {
-                    other.allowed_ips.retain(|n| *n != ip.net);
-                }
-                let peer = &mut next.peers[index];
-                if !peer.allowed_ips.contains(&ip.net) {
-                    peer.allowed_ips.push(ip.net);
+                match owners.insert(ip.net, handle) {
+                    Some(owner) if owner == handle => {}
+                    Some(owner) => {
+                        // An allowed IP has one owner: giving it to this peer
+                        // takes it from the other, as in the kernel.
+                        if let Some(other) = next.peers.iter_mut().find(|p| p.handle == owner) {
+                            other.allowed_ips.retain(|n| *n != ip.net);
+                        }
+                        next.peers[index].allowed_ips.push(ip.net);
+                    }
+                    None => next.peers[index].allowed_ips.push(ip.net),
                 }
             }
         }
@@ -453,6 +496,55 @@ mod tests {
         let table = plan.table.expect("routes changed");
         let owner = cfg.peers[1].handle;
         assert_eq!(table.lookup("100.64.0.9".parse().expect("ip")), Some(owner));
+    }
+
+    #[test]
+    fn ownership_stays_single_through_one_request() {
+        let cfg = DeviceConfig::new(Some(key(1)), 51820);
+        let (cfg, _) = cfg
+            .apply(set(vec![peer(2, &["100.64.0.0/24", "100.64.1.0/24"])]))
+            .expect("valid");
+        // In one request: 3 takes one of 2's prefixes; 2 replaces its list
+        // with that prefix again; 4 takes 3's other prefix and is removed;
+        // 3 takes that prefix once more.
+        let mut back = peer(2, &["100.64.0.0/24"]);
+        back.replace_allowed_ips = true;
+        let mut gone = peer(4, &[]);
+        gone.remove = true;
+        let (cfg, plan) = cfg
+            .apply(set(vec![
+                peer(3, &["100.64.0.0/24", "100.64.2.0/24"]),
+                back,
+                peer(4, &["100.64.2.0/24"]),
+                gone,
+                peer(3, &["100.64.2.0/24"]),
+            ]))
+            .expect("valid");
+        assert_eq!(ips(&cfg, 2), ["100.64.0.0/24"]);
+        assert_eq!(ips(&cfg, 3), ["100.64.2.0/24"]);
+        assert_eq!(cfg.peers.len(), 2);
+        let table = plan.table.expect("routes changed");
+        let lookup = |ip: &str| table.lookup(ip.parse().expect("ip"));
+        assert_eq!(lookup("100.64.0.9"), Some(cfg.peers[0].handle));
+        assert_eq!(lookup("100.64.1.9"), None);
+        assert_eq!(lookup("100.64.2.9"), Some(cfg.peers[1].handle));
+    }
+
+    #[test]
+    fn private_key_is_stored_clamped() {
+        let cfg = DeviceConfig::new(Some(key(0xff)), 51820);
+        let mut want = [0xff; 32];
+        want[0] = 0xf8;
+        want[31] = 0x7f;
+        assert_eq!(cfg.private_key, Some(Key(want)));
+        let (cfg, _) = DeviceConfig::new(None, 51820)
+            .apply(SetRequest {
+                private_key: Some(Some(key(0xff))),
+                ..SetRequest::default()
+            })
+            .expect("valid");
+        assert_eq!(cfg.private_key, Some(Key(want)));
+        assert_eq!(cfg.public_key(), Some(public_key_of(&key(0xff))));
     }
 
     #[test]

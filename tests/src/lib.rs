@@ -24,15 +24,15 @@ pub use guide::{
 
 pub use netns::{require_root, unique_ifname, veth, wait_until, Netns, Proc};
 pub use pair::{
-    Endpoints, Impl, Node, Pair, PairSpec, TUNNEL_PREFIX4, TUNNEL_PREFIX6, UNDERLAY_PREFIX4,
-    UNDERLAY_PREFIX6,
+    start_node, Endpoints, Impl, Node, Pair, PairSpec, TUNNEL_PREFIX4, TUNNEL_PREFIX6,
+    UNDERLAY_PREFIX4, UNDERLAY_PREFIX6,
 };
 pub use traffic::{
-    iface_stats, ping, ping_stats, tcp_transfer, wait_for_ping, IfaceStats, Pattern, PingStats,
-    Transfer,
+    iface_stats, iperf3, ping, ping_stats, send_udp, tcp_transfer, wait_for_ping, IfaceStats,
+    Iperf, Pattern, PingStats, Transfer, UdpOutCounter,
 };
 pub use wg::{
-    bin_dir, gen_keypair, public_key_of, unix_now, vpcgate_bin, vpcgated_bin, KeyPair,
+    bin_dir, gen_keypair, gen_psk, public_key_of, unix_now, vpcgate_bin, vpcgated_bin, KeyPair,
     VpcgatedConfig, WgDev, WgDump, WgPeer, UAPI_DIR,
 };
 

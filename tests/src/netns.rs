@@ -379,6 +379,48 @@ impl Proc {
         }
     }
 
+    /// CPU time (user + system) the process has used so far, from
+    /// `/proc/PID/stat`.
+    pub fn cpu_time(&self) -> Result<Duration> {
+        let path = format!("/proc/{}/stat", self.pid());
+        let stat = fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+        // The command name in field 2 may contain spaces; the fields after
+        // its closing parenthesis are plain numbers. utime and stime are
+        // fields 14 and 15, i.e. the 12th and 13th after the parenthesis.
+        let rest = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest)
+            .with_context(|| format!("no ')' in {path}: {stat:?}"))?;
+        let ticks: Vec<u64> = rest
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .map(str::parse)
+            .collect::<std::result::Result<_, _>>()
+            .with_context(|| format!("bad utime/stime in {path}: {stat:?}"))?;
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        if ticks.len() != 2 || hz <= 0 {
+            bail!("cannot read CPU time from {path}: {stat:?} (CLK_TCK {hz})");
+        }
+        Ok(Duration::from_secs_f64(
+            (ticks[0] + ticks[1]) as f64 / hz as f64,
+        ))
+    }
+
+    /// Resident memory of the process in bytes (`VmRSS`).
+    pub fn rss(&self) -> Result<u64> {
+        let path = format!("/proc/{}/status", self.pid());
+        let status = fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().strip_suffix("kB"))
+            .and_then(|kb| kb.trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+            .with_context(|| format!("no VmRSS in {path}"))
+    }
+
     /// `Some(status)` once the process has exited.
     pub fn try_status(&mut self) -> Result<Option<ExitStatus>> {
         if self.exited.is_none() {

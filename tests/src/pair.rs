@@ -51,6 +51,9 @@ pub struct PairSpec {
     /// Extra command-line arguments for a vpcgated on side a and side b.
     pub a_args: Vec<String>,
     pub b_args: Vec<String>,
+    /// Prefix length of the tunnel IPv4 addresses (100.64.0.N/len): 24
+    /// unless a test needs more of 100.64.0.0/10 routed into the tunnel.
+    pub tunnel_prefix_len: u8,
 }
 
 impl PairSpec {
@@ -63,6 +66,7 @@ impl PairSpec {
             inner_ipv6: false,
             a_args: Vec::new(),
             b_args: Vec::new(),
+            tunnel_prefix_len: 24,
         }
     }
 }
@@ -101,7 +105,9 @@ impl Node {
         self.tunnel6.map(|a| a.to_string()).unwrap_or_default()
     }
 
-    fn allowed_ips(&self) -> Vec<String> {
+    /// What the other side lists as this node's allowed IPs: the tunnel
+    /// /32 and, with inner IPv6, the /128.
+    pub fn allowed_ips(&self) -> Vec<String> {
         let mut v = vec![format!("{}/32", self.tunnel4)];
         if let Some(t6) = self.tunnel6 {
             v.push(format!("{t6}/128"));
@@ -116,17 +122,18 @@ pub struct Pair {
     pub b: Node,
 }
 
-fn start_node(
-    ns: Netns,
-    imp: Impl,
-    index: u8,
-    inner_ipv6: bool,
-    extra_args: &[String],
-) -> Result<Node> {
+/// Starts node number `index` (1 = a, 2 = b) in `ns`: listen port
+/// 51819 + index, tunnel 100.64.0.index (and fd00:64::index with
+/// `spec.inner_ipv6`). Its underlay addresses are taken to be 198.18.0.index
+/// and fd00:18::index; a test with another underlay overwrites the fields.
+/// A vpcgated gets `spec.a_args` or `spec.b_args`. No peers are configured.
+pub fn start_node(ns: Netns, imp: Impl, index: u8, spec: &PairSpec) -> Result<Node> {
     let port = 51819 + u16::from(index);
     let tunnel4 = Ipv4Addr::new(100, 64, 0, index);
-    let tunnel6 = inner_ipv6.then(|| Ipv6Addr::new(0xfd00, 0x64, 0, 0, 0, 0, 0, u16::from(index)));
-    let mut addrs = vec![format!("{tunnel4}/24")];
+    let tunnel6 = spec
+        .inner_ipv6
+        .then(|| Ipv6Addr::new(0xfd00, 0x64, 0, 0, 0, 0, 0, u16::from(index)));
+    let mut addrs = vec![format!("{tunnel4}/{}", spec.tunnel_prefix_len)];
     if let Some(t6) = tunnel6 {
         addrs.push(format!("{t6}/64"));
     }
@@ -143,7 +150,11 @@ fn start_node(
             // vpcgated takes both tunnel addresses through --address, so it
             // knows both tunnel networks and forwards to them.
             let mut config = VpcgatedConfig::new(port, &addrs.join(","));
-            config.extra_args = extra_args.to_vec();
+            config.extra_args = if index == 1 {
+                spec.a_args.clone()
+            } else {
+                spec.b_args.clone()
+            };
             let dev = WgDev::vpcgated(&ns, &format!("v{role}"), &config)?;
             let pk = dev.public_key()?;
             (dev, pk)
@@ -174,10 +185,8 @@ impl Pair {
             &["198.18.0.1/24", "fd00:18::1/64"],
             &["198.18.0.2/24", "fd00:18::2/64"],
         )?;
-        let a = start_node(ns_a, spec.a, 1, spec.inner_ipv6, &spec.a_args)
-            .context("starting node a")?;
-        let b = start_node(ns_b, spec.b, 2, spec.inner_ipv6, &spec.b_args)
-            .context("starting node b")?;
+        let a = start_node(ns_a, spec.a, 1, &spec).context("starting node a")?;
+        let b = start_node(ns_b, spec.b, 2, &spec).context("starting node b")?;
         let a_knows_b = matches!(spec.endpoints, Endpoints::Both | Endpoints::AOnly);
         let b_knows_a = matches!(spec.endpoints, Endpoints::Both | Endpoints::BOnly);
         for (this, other, knows) in [(&a, &b, a_knows_b), (&b, &a, b_knows_a)] {

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+use crate::guide::nft_counters;
 use crate::netns::{wait_until, Netns};
 
 /// A stalled transfer fails after this long instead of hanging the suite.
@@ -336,6 +337,182 @@ pub fn wait_for_ping(ns: &Netns, dst: &str, extra: &[&str], timeout: Duration) -
         ),
         || Ok(ping_stats(ns, dst, 1, extra)?.received == 1),
     )
+}
+
+/// What one `iperf3` run carried, from the client's JSON report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Iperf {
+    /// Bytes the server received; for UDP, 0 if it lost every datagram.
+    pub received_bytes: u64,
+    pub udp: bool,
+}
+
+/// Runs `iperf3` for `secs` seconds: a one-off server bound to `addr:port`
+/// in `server`, the client in `client` sending to it (UDP at 50 Mbit/s with
+/// `udp`). The duration is for the report only; nothing is asserted about
+/// speed. Fails if either side fails or the report cannot be read.
+pub fn iperf3(
+    server: &Netns,
+    client: &Netns,
+    addr: IpAddr,
+    port: u16,
+    secs: u32,
+    udp: bool,
+) -> Result<Iperf> {
+    let addr_s = addr.to_string();
+    let port_s = port.to_string();
+    let mut srv = server.spawn(
+        &format!("iperf3-server-{port}"),
+        &[
+            "iperf3",
+            "--server",
+            "--one-off",
+            "--bind",
+            &addr_s,
+            "--port",
+            &port_s,
+        ],
+        &[],
+    )?;
+    let listening = format!("sport = :{port}");
+    wait_until(
+        Duration::from_secs(10),
+        &format!("iperf3 to listen on {addr_s}:{port} in {}", server.name()),
+        || {
+            srv.check_running()?;
+            Ok(!server.exec(&["ss", "-Htln", &listening])?.trim().is_empty())
+        },
+    )?;
+    // `timeout` bounds a client stuck on a dead tunnel.
+    let limit = (secs + 20).to_string();
+    let secs_s = secs.to_string();
+    let mut argv = vec![
+        "timeout",
+        &limit,
+        "iperf3",
+        "--client",
+        &addr_s,
+        "--port",
+        &port_s,
+        "--time",
+        &secs_s,
+        "--connect-timeout",
+        "5000",
+        "--json",
+    ];
+    if udp {
+        argv.extend_from_slice(&["--udp", "--bitrate", "50M"]);
+    }
+    let out = client.exec_raw(&argv)?;
+    let report = String::from_utf8_lossy(&out.stdout);
+    let what = || {
+        format!(
+            "`{}` in {} ({}): {}{}",
+            argv.join(" "),
+            client.name(),
+            out.status,
+            report.chars().take(2000).collect::<String>(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+    };
+    if !out.status.success() {
+        bail!("iperf3 client failed: {}", what());
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&report).with_context(|| format!("bad JSON from {}", what()))?;
+    // `sum_received` is the server's side of the run, for TCP and UDP alike.
+    let received = &json["end"]["sum_received"];
+    let mut received_bytes = received["bytes"]
+        .as_u64()
+        .with_context(|| format!("no end.sum_received.bytes in {}", what()))?;
+    if udp {
+        let packets = received["packets"].as_u64().unwrap_or(0);
+        let lost = received["lost_packets"].as_u64().unwrap_or(0);
+        if packets <= lost {
+            received_bytes = 0;
+        }
+    }
+    match srv.wait_timeout(Duration::from_secs(10))? {
+        Some(status) if status.success() => {}
+        Some(status) => bail!("iperf3 server exited with {status}"),
+        None => bail!("iperf3 server still running after the client finished"),
+    }
+    eprintln!(
+        "iperf3 {} {} -> {addr_s}:{port} in {}: {received_bytes} bytes in {secs} s ({:.0} Mbit/s)",
+        if udp { "udp" } else { "tcp" },
+        client.name(),
+        server.name(),
+        mbit_s(received_bytes, Duration::from_secs(u64::from(secs)))
+    );
+    Ok(Iperf {
+        received_bytes,
+        udp,
+    })
+}
+
+/// Sends one UDP datagram with `payload` to each of `to` from a fresh
+/// socket inside `ns` (on a thread that enters it), and returns at once.
+pub fn send_udp(ns: &Netns, to: &[SocketAddr], payload: &[u8]) -> Result<()> {
+    let ns = ns.clone();
+    let to = to.to_vec();
+    let payload = payload.to_vec();
+    let sender = thread::Builder::new()
+        .name(format!("udp-sender-{}", ns.name()))
+        .spawn(move || -> Result<()> {
+            ns.enter_current_thread()?;
+            for dst in &to {
+                let bind: SocketAddr = if dst.is_ipv4() {
+                    (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+                } else {
+                    (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+                };
+                let sock = std::net::UdpSocket::bind(bind)
+                    .with_context(|| format!("bind {bind} in {}", ns.name()))?;
+                sock.send_to(&payload, dst)
+                    .with_context(|| format!("send to {dst} from {}", ns.name()))?;
+            }
+            Ok(())
+        })
+        .context("spawning the UDP sender thread")?;
+    join(sender, "UDP sender")
+}
+
+/// Counts the UDP datagrams that processes in a namespace send to one
+/// address and port, with an nftables rule in the output hook: it sees every
+/// datagram a local socket sends, delivered or not.
+pub struct UdpOutCounter {
+    ns: Netns,
+    table: String,
+}
+
+impl UdpOutCounter {
+    /// Installs the rule in its own table, `inet vge2e_udp_PORT`, so
+    /// counters for different ports in one namespace do not collide.
+    pub fn new(ns: &Netns, to: SocketAddr) -> Result<UdpOutCounter> {
+        let table = format!("vge2e_udp_{}", to.port());
+        let family = if to.is_ipv4() { "ip" } else { "ip6" };
+        let rules = format!(
+            "table inet {table} {{\n\
+             \tchain out {{\n\
+             \t\ttype filter hook output priority filter; policy accept;\n\
+             \t\t{family} daddr {} udp dport {} counter\n\
+             \t}}\n\
+             }}\n",
+            to.ip(),
+            to.port()
+        );
+        ns.exec_stdin(&["nft", "-f", "-"], rules.as_bytes())
+            .with_context(|| format!("installing a UDP counter for {to} in {}", ns.name()))?;
+        Ok(UdpOutCounter {
+            ns: ns.clone(),
+            table,
+        })
+    }
+
+    /// Datagrams counted so far.
+    pub fn packets(&self) -> Result<u64> {
+        nft_counters(&self.ns, "inet", &self.table, "out")
+    }
 }
 
 /// Packet counters from `/sys/class/net/IFACE/statistics` in a namespace.

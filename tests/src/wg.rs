@@ -75,17 +75,22 @@ pub struct KeyPair {
 impl KeyPair {
     /// Writes the private key to `path` (mode 0600) for `wg set private-key`.
     pub fn write_private(&self, path: &Path) -> Result<()> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(path)
-            .with_context(|| format!("cannot create {}", path.display()))?;
-        writeln!(f, "{}", self.private).with_context(|| format!("cannot write {}", path.display()))
+        write_secret(path, &self.private)
     }
+}
+
+/// Writes a base64 secret and a newline to `path`, created with mode 0600.
+fn write_secret(path: &Path, secret: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    writeln!(f, "{secret}").with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// The public key for a base64 private key, computed by `wg pubkey`.
@@ -105,6 +110,15 @@ pub fn gen_keypair() -> Result<KeyPair> {
         bail!("unexpected key lengths from wg genkey/pubkey: {private:?} {public:?}");
     }
     Ok(KeyPair { private, public })
+}
+
+/// A fresh preshared key from `wg genpsk`.
+pub fn gen_psk() -> Result<String> {
+    let psk = run(&["wg", "genpsk"], None)?.trim().to_string();
+    if psk.len() != 44 {
+        bail!("unexpected preshared key from wg genpsk: {psk:?}");
+    }
+    Ok(psk)
 }
 
 /// `wg show NAME dump`, parsed.
@@ -454,6 +468,62 @@ impl WgDev {
             args.push(ep);
         }
         self.set(&args)
+    }
+
+    /// Writes a base64 secret (private or preshared key) to a 0600 file in
+    /// the namespace's scratch directory, for `wg set ... private-key FILE`.
+    pub fn secret_file(&self, label: &str, secret: &str) -> Result<String> {
+        let path = self.ns.dir().join(format!("{}-{label}.key", self.name));
+        write_secret(&path, secret)?;
+        Ok(path.to_string_lossy().into_owned())
+    }
+
+    /// `wg set NAME private-key FILE`.
+    pub fn set_private_key(&self, private: &str) -> Result<()> {
+        let file = self.secret_file("private", private)?;
+        self.set(&["private-key", &file])
+    }
+
+    /// `wg set NAME peer KEY preshared-key FILE`.
+    pub fn set_preshared_key(&self, public_key: &str, psk: &str) -> Result<()> {
+        let file = self.secret_file("psk", psk)?;
+        self.set(&["peer", public_key, "preshared-key", &file])
+    }
+
+    /// `wg setconf NAME FILE` with `conf` as the file.
+    pub fn setconf(&self, conf: &str) -> Result<()> {
+        let path = self.ns.dir().join(format!("{}-setconf.conf", self.name));
+        std::fs::write(&path, conf).with_context(|| format!("cannot write {}", path.display()))?;
+        self.wg(&["setconf", &self.name, &path.to_string_lossy()])
+            .map(drop)
+    }
+
+    /// `wg show NAME FIELD` (e.g. `endpoints`, `peers`, `private-key`),
+    /// with the trailing newline removed.
+    pub fn show_field(&self, field: &str) -> Result<String> {
+        Ok(self
+            .wg(&["show", &self.name, field])?
+            .trim_end_matches('\n')
+            .to_string())
+    }
+
+    /// `wg show NAME allowed-ips`, parsed: each peer's key and prefixes, in
+    /// the order listed; a peer with none lists `(none)`, returned as empty.
+    pub fn allowed_ips(&self) -> Result<Vec<(String, Vec<String>)>> {
+        let text = self.wg(&["show", &self.name, "allowed-ips"])?;
+        text.lines()
+            .filter(|l| !l.is_empty())
+            .map(|line| {
+                let (key, ips) = line
+                    .split_once('\t')
+                    .with_context(|| format!("no tab in `wg show allowed-ips` line {line:.80?}"))?;
+                let ips = match ips {
+                    "(none)" => Vec::new(),
+                    _ => ips.split(' ').map(str::to_string).collect(),
+                };
+                Ok((key.to_string(), ips))
+            })
+            .collect()
     }
 
     pub fn remove_peer(&self, public_key: &str) -> Result<()> {
