@@ -548,11 +548,11 @@ impl Worker {
                 }
             };
             for (segment, &len) in rx.segments.iter_mut().zip(&rx.sizes).take(n) {
-                match segment.get_mut(..len) {
-                    Some(packet) if len > 0 => {
-                        self.node.handle_tun_packet(packet, now, &mut self.port);
-                    }
-                    _ => self.counters.add_n(DropReason::Malformed, 1),
+                if len > 0 {
+                    self.node
+                        .handle_tun_packet(segment, len, now, &mut self.port);
+                } else {
+                    self.counters.add_n(DropReason::Malformed, 1);
                 }
             }
             handled += n.max(1);

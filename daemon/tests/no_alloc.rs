@@ -184,10 +184,10 @@ fn per_packet_work_does_not_allocate() {
     // The handshake, and one packet each way, may allocate (session state).
     let now = Instant::now();
     let mut p = a_to_b;
-    a.node.handle_tun_packet(&mut p, now, &mut a.sink);
+    a.node.handle_tun_packet(&mut p, 1028, now, &mut a.sink);
     while deliver(&mut a, &mut b, now) + deliver(&mut b, &mut a, now) > 0 {}
     let mut p = b_to_a;
-    b.node.handle_tun_packet(&mut p, now, &mut b.sink);
+    b.node.handle_tun_packet(&mut p, 1028, now, &mut b.sink);
     while deliver(&mut b, &mut a, now) + deliver(&mut a, &mut b, now) > 0 {}
     assert_eq!(b.sink.tun_count, 1, "a's first packet arrived at b");
     assert_eq!(a.sink.tun_count, 1, "b's first packet arrived at a");
@@ -201,10 +201,10 @@ fn per_packet_work_does_not_allocate() {
         a.sink.tun_count = 0;
         b.sink.tun_count = 0;
         let mut p = a_to_b;
-        a.node.handle_tun_packet(&mut p, now, &mut a.sink);
+        a.node.handle_tun_packet(&mut p, 1028, now, &mut a.sink);
         deliver(&mut a, &mut b, now);
         let mut p = b_to_a;
-        b.node.handle_tun_packet(&mut p, now, &mut b.sink);
+        b.node.handle_tun_packet(&mut p, 1028, now, &mut b.sink);
         deliver(&mut b, &mut a, now);
         assert_eq!(b.sink.tun_count, 1);
         assert_eq!(a.sink.tun_count, 1);

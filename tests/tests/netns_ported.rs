@@ -4,13 +4,10 @@
 //! what runs in node b, and [`against_both!`] runs it twice, as
 //! `SCENARIO::with_vpcgated` and `SCENARIO::with_wireguard_go`.
 //!
-//! Three scenarios are `#[ignore]`d because vpcgated fails them: with
-//! wireguard-go in vpcgated's place the first two pass, and the third is the
-//! kernel script's own bound (wireguard-go fails it too). Each names where
-//! the fix belongs; `tests/README.md` has the details. Run them with
-//! `cargo test --release --test netns_ported -- --ignored`:
-//! `data_messages_are_padded`, `replies_come_from_the_address_used`,
-//! `routing_loop_is_cut`.
+//! One scenario is `#[ignore]`d because vpcgated fails it (wireguard-go in
+//! vpcgated's place passes): `replies_come_from_the_address_used`.
+//! `tests/README.md` says where the fix belongs. Run it with
+//! `cargo test --release --test netns_ported -- --ignored`.
 //!
 //! Addresses follow the harness (198.18.0.0/15 underlay, 100.64.0.0/10
 //! tunnel, fd00::/8 IPv6) rather than the scripts' 192.168/10/127 ones; the
@@ -112,11 +109,7 @@ against_both!(
                 one the peer sent to (no IP_PKTINFO); the fix belongs in dataplane.rs, \
                 see tests/README.md"]
     replies_come_from_the_address_used,
-    #[ignore = "vpcgated sends data messages unpadded (boringtun does not pad); \
-                the fix belongs in core/mod.rs, see tests/README.md"]
     data_messages_are_padded,
-    #[ignore = "vpcgated, like wireguard-go, re-encrypts its own datagrams routed back \
-                into its TUN; the fix belongs in core/mod.rs, see tests/README.md"]
     routing_loop_is_cut,
 );
 

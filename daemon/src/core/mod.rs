@@ -133,10 +133,14 @@ pub enum DropReason {
     NotAdvertised,
     /// A handshake initiation beyond its source address's share.
     RateLimited,
+    /// A packet from the TUN that is UDP to the endpoint of the very peer it
+    /// would be sent to: the endpoint is routed into the tunnel, and sending
+    /// it would feed our own datagrams back to us.
+    RoutingLoop,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
         DropReason::NoRoute,
         DropReason::NoEndpoint,
         DropReason::CryptokeyFilter,
@@ -147,6 +151,7 @@ impl DropReason {
         DropReason::SendFailed,
         DropReason::NotAdvertised,
         DropReason::RateLimited,
+        DropReason::RoutingLoop,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -161,6 +166,7 @@ impl DropReason {
             DropReason::SendFailed => "send_failed",
             DropReason::NotAdvertised => "not_advertised",
             DropReason::RateLimited => "rate_limited",
+            DropReason::RoutingLoop => "routing_loop",
         }
     }
 }
@@ -511,13 +517,27 @@ impl Node {
         peer_by_handle(&mut self.peers, handle)
     }
 
-    /// One IP packet read from the TUN: route it to a peer and encrypt it.
-    pub fn handle_tun_packet(&mut self, packet: &mut [u8], now: Instant, tx: &mut impl Transmit) {
+    /// One IP packet read from the TUN, `buf[..len]`: route it to a peer
+    /// and encrypt it. The rest of `buf` is room for padding: the plaintext
+    /// is zero-padded to a multiple of 16 bytes where `buf` has room (the
+    /// data path's buffers are one MTU long), so packet sizes leak less.
+    pub fn handle_tun_packet(
+        &mut self,
+        buf: &mut [u8],
+        len: usize,
+        now: Instant,
+        tx: &mut impl Transmit,
+    ) {
+        let Some(packet) = buf.get(..len) else {
+            self.counters.add(DropReason::Malformed);
+            return;
+        };
         let Some(ip) = IpPacket::new_checked(packet) else {
             self.counters.add(DropReason::Malformed);
             return;
         };
         let destination = ip.destination();
+        let udp_port = ip.udp_destination_port();
         let routes = self.routes.load();
         let Some(peer) = routes
             .peers
@@ -527,8 +547,14 @@ impl Node {
             self.counters.add(DropReason::NoRoute);
             return;
         };
-        mss::clamp_mss(packet, self.mss.0, self.mss.1);
-        peer.encrypt(packet, now, &self.counters, tx);
+        if udp_port.is_some_and(|port| peer.endpoint == Some(SocketAddr::new(destination, port))) {
+            self.counters.add(DropReason::RoutingLoop);
+            return;
+        }
+        mss::clamp_mss(&mut buf[..len], self.mss.0, self.mss.1);
+        let padded = len.next_multiple_of(16).min(buf.len());
+        buf[len..padded].fill(0);
+        peer.encrypt(&buf[..padded], now, &self.counters, tx);
     }
 
     /// One datagram received on the listen port.

@@ -39,6 +39,24 @@ impl<'a> IpPacket<'a> {
             IpPacket::V6(b) => IpAddr::V6(v6_at(b, 24)),
         }
     }
+
+    /// The destination port of a UDP packet (of an IPv4 packet's first
+    /// fragment; of an IPv6 packet with no extension headers).
+    pub fn udp_destination_port(&self) -> Option<u16> {
+        let (b, udp) = match *self {
+            IpPacket::V4(b) => {
+                let fragment_offset = u16::from_be_bytes([b[6], b[7]]) & 0x1fff;
+                if b[9] != 17 || fragment_offset != 0 {
+                    return None;
+                }
+                (b, usize::from(b[0] & 0x0f) * 4)
+            }
+            IpPacket::V6(b) if b[6] == 17 => (b, IPV6_HEADER),
+            IpPacket::V6(_) => return None,
+        };
+        let port = b.get(udp + 2..udp + 4)?;
+        Some(u16::from_be_bytes([port[0], port[1]]))
+    }
 }
 
 // Callers guarantee the range through `new_checked`; the fallback keeps the
@@ -58,6 +76,38 @@ fn v6_at(b: &[u8], off: usize) -> Ipv6Addr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn udp_destination_port_of_v4_and_v6() {
+        let mut v4 = [0u8; 28];
+        v4[0] = 0x45;
+        v4[9] = 17;
+        v4[22..24].copy_from_slice(&51820u16.to_be_bytes());
+        let view = IpPacket::new_checked(&v4).expect("IPv4");
+        assert_eq!(view.udp_destination_port(), Some(51820));
+        // A later fragment has no UDP header; TCP has no UDP port.
+        v4[7] = 1;
+        let view = IpPacket::new_checked(&v4).expect("IPv4");
+        assert_eq!(view.udp_destination_port(), None);
+        v4[7] = 0;
+        v4[9] = 6;
+        let view = IpPacket::new_checked(&v4).expect("IPv4");
+        assert_eq!(view.udp_destination_port(), None);
+        // A header that claims options past the end: no port, no panic.
+        v4[9] = 17;
+        v4[0] = 0x4f;
+        let view = IpPacket::new_checked(&v4).expect("IPv4");
+        assert_eq!(view.udp_destination_port(), None);
+
+        let mut v6 = [0u8; 48];
+        v6[0] = 0x60;
+        v6[6] = 17;
+        v6[42..44].copy_from_slice(&443u16.to_be_bytes());
+        let view = IpPacket::new_checked(&v6).expect("IPv6");
+        assert_eq!(view.udp_destination_port(), Some(443));
+        let view = IpPacket::new_checked(&v6[..41]).expect("IPv6");
+        assert_eq!(view.udp_destination_port(), None);
+    }
 
     fn v4(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
         let mut p = vec![0u8; 20];

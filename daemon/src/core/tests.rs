@@ -112,8 +112,9 @@ impl Host {
 
     fn send_ip(&mut self, packet: &[u8]) {
         let mut packet = packet.to_vec();
+        let len = packet.len();
         self.node
-            .handle_tun_packet(&mut packet, Instant::now(), &mut self.wire);
+            .handle_tun_packet(&mut packet, len, Instant::now(), &mut self.wire);
     }
 
     fn receive(&mut self, from: SocketAddr, datagram: &[u8]) {
