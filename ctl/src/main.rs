@@ -143,6 +143,14 @@ fn on_off(value: &str) -> Result<bool, String> {
 }
 
 fn request(socket: &PathBuf, request: &Request) -> anyhow::Result<Response> {
+    use std::io::Write;
+    let frame = proto::encode(request).map_err(|e| match e {
+        proto::FrameError::TooLarge { len, max } => anyhow::anyhow!(
+            "this request is {len} bytes, more than the {max} vpcgated accepts; \
+             give fewer or shorter arguments"
+        ),
+        e => e.into(),
+    })?;
     let mut stream = UnixStream::connect(socket).with_context(|| {
         format!(
             "cannot reach vpcgated at {} (is it running? are you root? set --socket or {})",
@@ -151,7 +159,7 @@ fn request(socket: &PathBuf, request: &Request) -> anyhow::Result<Response> {
         )
     })?;
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-    proto::write_frame(&mut stream, request)?;
+    stream.write_all(&frame)?;
     match proto::read_frame(&mut stream)? {
         Response::Error { message } => bail!("{message}"),
         response => Ok(response),

@@ -44,12 +44,12 @@ async fn handle(mut stream: UnixStream, daemon: &Daemon) -> std::io::Result<()> 
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e),
         }
-        let response = match proto::frame_len(prefix) {
+        let response = match proto::frame_len::<Request>(prefix) {
             Err(e) => {
                 // The stream cannot be resynchronised after a bad length.
                 send(
                     &mut stream,
-                    &Response::Error {
+                    Response::Error {
                         message: e.to_string(),
                     },
                 )
@@ -69,11 +69,29 @@ async fn handle(mut stream: UnixStream, daemon: &Daemon) -> std::io::Result<()> 
                 }
             }
         };
-        send(&mut stream, &response).await?;
+        send(&mut stream, response).await?;
     }
 }
 
-async fn send(stream: &mut UnixStream, response: &Response) -> std::io::Result<()> {
-    let frame = proto::encode(response).map_err(std::io::Error::other)?;
+async fn send(stream: &mut UnixStream, mut response: Response) -> std::io::Result<()> {
+    let frame = match proto::encode(&response) {
+        Ok(frame) => zeroize::Zeroizing::new(frame),
+        Err(e) => {
+            tracing::error!("cannot send a reply: {e}");
+            let error = Response::Error {
+                message: format!("vpcgated cannot send its reply: {e}"),
+            };
+            zeroize::Zeroizing::new(proto::encode(&error).map_err(std::io::Error::other)?)
+        }
+    };
+    // A client config holds the client's private key.
+    if let Response::PeerConfig { config }
+    | Response::PeerAdded {
+        config: Some(config),
+        ..
+    } = &mut response
+    {
+        zeroize::Zeroize::zeroize(config);
+    }
     stream.write_all(&frame).await
 }

@@ -82,14 +82,28 @@ fn b64(key: &[u8; 32]) -> String {
     base64::engine::general_purpose::STANDARD.encode(key)
 }
 
+/// Parses a base64 key: a peer's public key, or a private or preshared key
+/// read back from `peers.json` (so the decoded bytes are zeroized).
 pub(crate) fn parse_key(text: &str) -> Result<Key, String> {
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(text.trim())
-        .map_err(|_| format!("{text:?} is not a base64 WireGuard key (as `wg pubkey` prints)"))?;
-    let key: [u8; 32] = bytes
-        .try_into()
-        .map_err(|_| format!("{text:?} is not a 32-byte WireGuard key"))?;
-    Ok(Key(key))
+    let bytes = zeroize::Zeroizing::new(
+        base64::engine::general_purpose::STANDARD
+            .decode(text.trim())
+            .map_err(|_| {
+                format!(
+                    "{} is not a base64 WireGuard key (as `wg pubkey` prints)",
+                    subnet::quote(text)
+                )
+            })?,
+    );
+    let mut key = Key([0; 32]);
+    if bytes.len() != key.0.len() {
+        return Err(format!(
+            "{} is not a 32-byte WireGuard key",
+            subnet::quote(text)
+        ));
+    }
+    key.0.copy_from_slice(&bytes);
+    Ok(key)
 }
 
 /// The networks this node's tunnel addresses live in.
@@ -174,18 +188,25 @@ pub(crate) fn restore_peers(
         {
             return Err(corrupt(format!("the name {name} is used twice")));
         }
+        // A secret that does not parse is not quoted back.
+        let secret = |field: &str| {
+            corrupt(format!(
+                "the {field} of peer {} is not a base64 32-byte key",
+                s.public_key
+            ))
+        };
         let client_private_key = s
             .private_key
             .as_deref()
             .map(parse_key)
             .transpose()
-            .map_err(corrupt)?;
+            .map_err(|_| secret("private_key"))?;
         let preshared_key = s
             .preshared_key
             .as_deref()
             .map(parse_key)
             .transpose()
-            .map_err(corrupt)?;
+            .map_err(|_| secret("preshared_key"))?;
         let peer = config
             .push_peer(public_key)
             .map_err(|e| corrupt(format!("too many peers: {e}")))?;
@@ -290,8 +311,15 @@ impl Daemon {
         Ok(())
     }
 
-    pub async fn uapi_get(&self, out: &mut String) {
+    /// Writes the reply to a UAPI `get`. It holds the private key, so `out`
+    /// is sized first: growing it would free a copy of the key unzeroized.
+    pub async fn uapi_get(&self, out: &mut zeroize::Zeroizing<String>) {
         let view = self.inner.lock().await.config.view();
+        let needed = crate::uapi::proto::get_reply_capacity(&view);
+        if out.capacity() < needed {
+            *out = zeroize::Zeroizing::new(String::with_capacity(needed));
+        }
+        out.clear();
         crate::uapi::proto::format_get(&view, out);
     }
 
@@ -379,7 +407,10 @@ impl Daemon {
                     Some(peer) => self
                         .client_config(&inner, peer)
                         .map(|config| Response::PeerConfig { config }),
-                    None => Err(format!("no peer named {name:?}; see `vpcgate peer list`")),
+                    None => Err(format!(
+                        "no peer named {}; see `vpcgate peer list`",
+                        subnet::quote(&name)
+                    )),
                 }
             }
         };
@@ -428,15 +459,18 @@ impl Daemon {
             let mut addresses = Vec::new();
             for text in subnet::split_list(list) {
                 addresses.push(text.parse::<IpNet>().map_err(|_| {
-                    format!("{text:?} is not an address with a prefix length, e.g. 100.64.0.1/24")
+                    format!(
+                        "{} is not an address with a prefix length, e.g. 100.64.0.1/24",
+                        subnet::quote(&text)
+                    )
                 })?);
             }
             validate_addresses(&addresses)?;
-            if let Some(clash) = settings
-                .advertised_routes
-                .iter()
-                .find(|r| addresses.iter().any(|a| subnet::overlaps(&a.trunc(), r)))
-            {
+            if let Some(clash) = settings.advertised_routes.iter().find(|r| {
+                addresses
+                    .iter()
+                    .any(|a| subnet::overlaps_tunnel(&a.trunc(), r))
+            }) {
                 return Err(format!(
                     "the tunnel network would overlap the advertised route {clash}; change the advertised routes first"
                 ));
@@ -562,6 +596,10 @@ impl Daemon {
             (None, Some(private)) => Key(crate::config::public_key_of(private)),
             (None, None) => return Err("no key".to_string()),
         };
+        // The UAPI refuses it too, so `wg syncconf` could not send it back.
+        if public_key.is_zero() {
+            return Err("that key is all zeros, which no peer can have".to_string());
+        }
         if Some(public_key.0) == inner.config.public_key() {
             return Err("that is this node's own public key".to_string());
         }
@@ -595,8 +633,13 @@ impl Daemon {
             None => None,
         };
         let mut allowed_ips = Vec::new();
+        let mut listed = HashSet::new();
         for text in subnet::split_list(&add.allowed_ips) {
-            allowed_ips.push(subnet::parse_prefix(&text)?);
+            let net = subnet::parse_prefix(&text)?;
+            if !listed.insert(net) {
+                return Err(format!("{net} is listed twice"));
+            }
+            allowed_ips.push(net);
         }
         if allowed_ips.is_empty() {
             let used: Vec<IpNet> = inner
@@ -619,13 +662,15 @@ impl Daemon {
                 allowed_ips.push(address);
             }
         }
+        // Indexed once: a request may list tens of thousands of prefixes.
+        let owners: std::collections::HashMap<IpNet, &PeerConfig> = inner
+            .config
+            .peers
+            .iter()
+            .flat_map(|p| p.allowed_ips.iter().map(move |net| (*net, p)))
+            .collect();
         for net in &allowed_ips {
-            if let Some(owner) = inner
-                .config
-                .peers
-                .iter()
-                .find(|p| p.allowed_ips.contains(net))
-            {
+            if let Some(owner) = owners.get(net) {
                 return Err(format!(
                     "{net} already belongs to peer {}",
                     owner
@@ -669,7 +714,12 @@ impl Daemon {
             .config
             .peer_by_name(name)
             .map(|p| p.handle)
-            .ok_or_else(|| format!("no peer named {name:?}; see `vpcgate peer list`"))?;
+            .ok_or_else(|| {
+                format!(
+                    "no peer named {}; see `vpcgate peer list`",
+                    subnet::quote(name)
+                )
+            })?;
         let learned = inner
             .config
             .peers
@@ -930,15 +980,22 @@ pub fn bind_unix(path: &Path, group: Option<nix::unistd::Gid>) -> anyhow::Result
     }
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            if socket_is_live(path) {
                 bail!(
                     "{} is in use by a running process; stop it first (is another vpcgated or \
                      wireguard-go using this interface name?)",
                     path.display()
                 );
             }
-            std::fs::remove_file(path)
-                .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+            // `wg` also unlinks a socket nobody answers on; if it got there
+            // first, the path is just as free.
+            match std::fs::remove_file(path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(e)
+                        .with_context(|| format!("cannot remove stale socket {}", path.display()))
+                }
+                _ => {}
+            }
         }
         Ok(_) => bail!("{} exists and is not a socket; remove it", path.display()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -957,6 +1014,32 @@ pub fn bind_unix(path: &Path, group: Option<nix::unistd::Gid>) -> anyhow::Result
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("cannot restrict {}", path.display()))?;
     Ok(listener)
+}
+
+/// Whether a process listens on the socket at `path`. A child we spawned
+/// (`nft`) holds copies of all our descriptors from the fork until its
+/// exec closes them; if we were killed in that window, the socket of the
+/// dead daemon still accepts for a few milliseconds. So a socket that
+/// accepts is asked again for a moment before it counts as in use.
+fn socket_is_live(path: &Path) -> bool {
+    const PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
+    let deadline = std::time::Instant::now() + PATIENCE;
+    for attempt in 0.. {
+        if std::os::unix::net::UnixStream::connect(path).is_err() {
+            if attempt > 0 {
+                tracing::info!(
+                    path = %path.display(),
+                    "a stale socket answered for a moment (a child of the dead daemon held it)"
+                );
+            }
+            return false;
+        }
+        if std::time::Instant::now() >= deadline {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    true
 }
 
 /// Removes a socket file only if it is still the one we created.
@@ -1031,7 +1114,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     if let Some(clash) = settings
         .advertised_routes
         .iter()
-        .find(|r| tunnel.iter().any(|t| subnet::overlaps(t, r)))
+        .find(|r| tunnel.iter().any(|t| subnet::overlaps_tunnel(t, r)))
     {
         bail!("the advertised route {clash} overlaps the tunnel network; pick another --address or change the advertised routes");
     }

@@ -133,6 +133,7 @@ impl StateDir {
             .create(dir)
             .map_err(err)?;
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(err)?;
+        remove_stale_temp_files(dir);
         Ok(StateDir {
             dir: dir.to_path_buf(),
         })
@@ -178,6 +179,7 @@ impl StateDir {
         parse_peers(&text).map_err(|e| corrupt(path, e))
     }
 
+    /// See [`encode_peers`] for how the keys in it are kept from leaking.
     pub fn save_peers(&self, peers: &[StoredPeer]) -> Result<(), StateError> {
         let path = self.path(PEERS_FILE);
         let json = encode_peers(peers).map_err(|source| StateError::Write {
@@ -224,9 +226,11 @@ pub fn parse_key_file(text: &str) -> Result<Key, String> {
     Ok(key)
 }
 
-/// What `save_key` writes.
+/// What `save_key` writes. Room for the newline is made up front: growing
+/// the string would free a copy of the key.
 pub fn encode_key_file(key: &Key) -> Zeroizing<String> {
-    let mut text = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(key.0));
+    let mut text = Zeroizing::new(String::with_capacity(45));
+    base64::engine::general_purpose::STANDARD.encode_string(key.0, &mut text);
     text.push('\n');
     text
 }
@@ -248,15 +252,34 @@ pub fn parse_peers(text: &str) -> Result<Vec<StoredPeer>, String> {
     serde_json::from_str(text).map_err(|e| e.to_string())
 }
 
-/// What `save_peers` writes; it holds client private keys.
+/// What `save_peers` writes. It holds generated clients' private keys and
+/// preshared keys, so it is serialised into a buffer of its final size (a
+/// growing one would free copies), zeroized when dropped.
 pub fn encode_peers(peers: &[StoredPeer]) -> io::Result<Zeroizing<Vec<u8>>> {
-    let mut json = Zeroizing::new(serde_json::to_vec_pretty(peers).map_err(io::Error::other)?);
+    let mut size = ByteCount(0);
+    serde_json::to_writer_pretty(&mut size, peers).map_err(io::Error::other)?;
+    let mut json = Zeroizing::new(Vec::with_capacity(size.0 + 1));
+    serde_json::to_writer_pretty(&mut *json, peers).map_err(io::Error::other)?;
     json.push(b'\n');
     Ok(json)
 }
 
 fn corrupt(path: PathBuf, reason: String) -> StateError {
     StateError::Corrupt { path, reason }
+}
+
+/// Counts the bytes written to it.
+struct ByteCount(usize);
+
+impl Write for ByteCount {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 fn read_optional(path: &Path) -> Result<Option<Zeroizing<String>>, StateError> {
@@ -286,6 +309,54 @@ pub fn generate_key() -> Key {
     key
 }
 
+/// The name of the temp file [`write_atomic`] writes `name` through.
+fn temp_name(name: &str, pid: u32) -> String {
+    format!(".{name}.tmp.{pid}")
+}
+
+/// Removes the temp files of writers that were killed mid-write. Each is
+/// named after its writer's pid, so a crash loop would otherwise leave one
+/// more behind every time (a copy of the key, or of the peers with their
+/// keys, among them). A file whose writer is still running is left alone.
+fn remove_stale_temp_files(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(pid) = file_name.to_str().and_then(temp_file_pid) else {
+            continue;
+        };
+        let alive = pid != std::process::id()
+            && i32::try_from(pid).is_ok_and(|pid| {
+                // ESRCH means no such process; EPERM means one we may not signal.
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+                    != Err(nix::errno::Errno::ESRCH)
+            });
+        if alive {
+            continue;
+        }
+        match fs::remove_file(entry.path()) {
+            Ok(()) => tracing::info!(
+                path = %entry.path().display(),
+                "removed a temp file left by an interrupted write"
+            ),
+            Err(e) => {
+                tracing::warn!(path = %entry.path().display(), "cannot remove a stale temp file: {e}")
+            }
+        }
+    }
+}
+
+/// The writer's pid, if `name` is one of our temp files.
+fn temp_file_pid(name: &str) -> Option<u32> {
+    let pid: u32 = name.rsplit_once(".tmp.")?.1.parse().ok()?;
+    [KEY_FILE, SETTINGS_FILE, PEERS_FILE]
+        .iter()
+        .any(|file| name == temp_name(file, pid))
+        .then_some(pid)
+}
+
 /// Replaces `path` with `contents` durably: temp file (O_EXCL, 0600), fsync,
 /// rename, fsync of the directory.
 pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), StateError> {
@@ -298,7 +369,7 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), StateError> {
         .file_name()
         .map(|n| n.to_string_lossy())
         .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let tmp = dir.join(temp_name(&name, std::process::id()));
     // A temp file left by a crash of this same pid is ours to replace.
     let _ = fs::remove_file(&tmp);
     let result = (|| {
@@ -341,6 +412,8 @@ mod tests {
         let meta = fs::metadata(dir.join(KEY_FILE)).expect("stat");
         assert_eq!(meta.mode() & 0o777, 0o600);
         assert_eq!(fs::metadata(&dir).expect("stat").mode() & 0o777, 0o700);
+        let text = fs::read_to_string(dir.join(KEY_FILE)).expect("read");
+        assert!(text.len() == 45 && text.ends_with("=\n"), "{text:?}");
         let _ = fs::remove_dir_all(&dir);
     }
 
@@ -399,6 +472,8 @@ mod tests {
             learned_routes: vec!["198.18.64.0/20".parse().expect("cidr")],
         };
         state.save_peers(&[peer]).expect("save");
+        let text = fs::read_to_string(dir.join(PEERS_FILE)).expect("read");
+        assert!(text.starts_with("[\n") && text.ends_with("]\n"), "{text}");
         let back = state.load_peers().expect("load");
         assert_eq!(back.len(), 1);
         assert_eq!(back[0].name.as_deref(), Some("laptop"));
@@ -416,6 +491,34 @@ mod tests {
             msg.contains("peers.json") && msg.contains("corrupt"),
             "{msg}"
         );
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn temp_files_of_dead_writers_are_removed_at_open() {
+        let dir = tempdir("stale");
+        fs::create_dir_all(&dir).expect("mkdir");
+        // pid_max is at most 2^22, so this writer cannot be running.
+        let dead = temp_name(PEERS_FILE, 4_194_305);
+        let ours = temp_name(KEY_FILE, std::process::id());
+        let live = temp_name(SETTINGS_FILE, 1);
+        for name in [
+            &dead,
+            &ours,
+            &live,
+            &".other.tmp.5".to_string(),
+            &"notes".to_string(),
+        ] {
+            fs::write(dir.join(name), "x").expect("write");
+        }
+        StateDir::open(&dir).expect("open");
+        let mut left: Vec<String> = fs::read_dir(&dir)
+            .expect("list")
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, [".other.tmp.5", live.as_str(), "notes"]);
         let _ = fs::remove_dir_all(&dir);
     }
 

@@ -9,6 +9,18 @@ use ipnet::IpNet;
 
 use crate::core::routes_msg::MAX_ROUTES;
 
+/// `text` quoted for a message: escaped as `{:?}` escapes it, and cut
+/// short, so hostile input neither floods nor garbles a terminal.
+pub fn quote(text: &str) -> String {
+    const MAX_CHARS: usize = 64;
+    let cut: String = text.chars().take(MAX_CHARS).collect();
+    let mut quoted = format!("{cut:?}");
+    if cut.len() < text.len() {
+        quoted.push('…');
+    }
+    quoted
+}
+
 /// Splits what the user typed into prefixes: commas, spaces, or both.
 pub fn split_list(items: &[String]) -> Vec<String> {
     items
@@ -36,7 +48,8 @@ pub fn parse_prefix(text: &str) -> Result<IpNet, String> {
                 "{text} is an address, not a prefix; did you mean {text}/128?"
             )),
             Err(_) => Err(format!(
-                "{text:?} is not a CIDR prefix (for example 198.18.64.0/20)"
+                "{} is not a CIDR prefix (for example 198.18.64.0/20)",
+                quote(text)
             )),
         },
     }
@@ -49,6 +62,15 @@ pub fn validate_advertised(
     tunnel: &[IpNet],
     exit_node: bool,
 ) -> Result<Vec<IpNet>, String> {
+    // More than can be advertised needs cutting down whatever else is wrong;
+    // checking each entry against the others would also take quadratic time.
+    if input.len() > MAX_ROUTES {
+        return Err(format!(
+            "{} prefixes given; at most {MAX_ROUTES} can be advertised \
+             (summarise them into larger prefixes)",
+            input.len()
+        ));
+    }
     let mut problems = Vec::new();
     let mut routes: Vec<IpNet> = Vec::new();
     for text in input {
@@ -66,12 +88,7 @@ pub fn validate_advertised(
             ));
             continue;
         }
-        // A default route covers everything, the tunnel included; the
-        // tunnel's own, longer route keeps winning on the client.
-        if let Some(t) = tunnel
-            .iter()
-            .find(|t| overlaps(t, &net) && net.prefix_len() > 0)
-        {
+        if let Some(t) = tunnel.iter().find(|t| overlaps_tunnel(t, &net)) {
             problems.push(format!("{net} overlaps the tunnel network {}", t.trunc()));
             continue;
         }
@@ -92,9 +109,6 @@ pub fn validate_advertised(
         }
         routes.push(net);
     }
-    if routes.len() > MAX_ROUTES {
-        problems.push(format!("at most {MAX_ROUTES} prefixes can be advertised"));
-    }
     if problems.is_empty() {
         Ok(routes)
     } else {
@@ -104,6 +118,15 @@ pub fn validate_advertised(
 
 pub fn overlaps(a: &IpNet, b: &IpNet) -> bool {
     a.contains(b) || b.contains(a)
+}
+
+/// Whether the advertised `route` would take the tunnel network's place.
+/// A default route (an exit node) covers everything, the tunnel included,
+/// but the tunnel's own, longer route keeps winning on the client, so it
+/// does not count. Validation, `set --address` and start-up must agree on
+/// this, or a saved exit node would stop the daemon from starting again.
+pub fn overlaps_tunnel(tunnel: &IpNet, route: &IpNet) -> bool {
+    overlaps(tunnel, route) && route.prefix_len() > 0
 }
 
 /// Which of a trusted peer's advertised routes a client installs.
@@ -126,11 +149,7 @@ impl LearnPolicy<'_> {
             let net = net.trunc();
             if net.prefix_len() == 0 && !self.accept_default_route {
                 refused.push(format!("{net}: default routes need --accept-default-route"));
-            } else if let Some(t) = self
-                .tunnel
-                .iter()
-                .find(|t| overlaps(t, &net) && net.prefix_len() > 0)
-            {
+            } else if let Some(t) = self.tunnel.iter().find(|t| overlaps_tunnel(t, &net)) {
                 refused.push(format!("{net}: overlaps the tunnel network {}", t.trunc()));
             } else if let Some(lan) = self.local.iter().find(|lan| lan.contains(&net)) {
                 // A route inside (or equal to) a local network would take
@@ -179,8 +198,9 @@ pub fn validate_name(name: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "{name:?} is not a valid peer name: use 1-32 letters, digits, '-', '_' or '.', \
-             not starting with '.' or '-'"
+            "{} is not a valid peer name: use 1-32 letters, digits, '-', '_' or '.', \
+             not starting with '.' or '-'",
+            quote(name)
         ))
     }
 }
@@ -188,7 +208,10 @@ pub fn validate_name(name: &str) -> Result<(), String> {
 /// HOST:PORT or [IPv6]:PORT, as a client's `Endpoint =` line takes it.
 pub fn validate_endpoint(text: &str) -> Result<(), String> {
     let bad = || {
-        format!("{text:?} is not HOST:PORT (for example 203.0.113.7:51820 or gw.example.com:51820)")
+        format!(
+            "{} is not HOST:PORT (for example 203.0.113.7:51820 or gw.example.com:51820)",
+            quote(text)
+        )
     };
     let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
     let port: u16 = port.parse().map_err(|_| bad())?;
@@ -240,16 +263,28 @@ impl ClientConfig<'_> {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        format!(
-            "[Interface]\nPrivateKey = {}\nAddress = {}\nMTU = {}\n\n[Peer]\nPublicKey = {}\n\
-             Endpoint = {}\nAllowedIPs = {}\nPersistentKeepalive = 25\n",
+        let mtu = self.mtu.to_string();
+        let parts = [
+            "[Interface]\nPrivateKey = ",
             self.private_key,
-            join(self.addresses),
-            self.mtu,
+            "\nAddress = ",
+            &join(self.addresses),
+            "\nMTU = ",
+            &mtu,
+            "\n\n[Peer]\nPublicKey = ",
             self.gateway_public_key,
+            "\nEndpoint = ",
             self.endpoint,
-            join(self.allowed_ips),
-        )
+            "\nAllowedIPs = ",
+            &join(self.allowed_ips),
+            "\nPersistentKeepalive = 25\n",
+        ];
+        // Sized once: a growing string would free copies of the key.
+        let mut config = String::with_capacity(parts.iter().map(|p| p.len()).sum());
+        for part in parts {
+            config.push_str(part);
+        }
+        config
     }
 }
 
@@ -280,6 +315,25 @@ mod tests {
                 "fd00:1::/48",
                 "198.18.0.0/24"
             ]
+        );
+    }
+
+    #[test]
+    fn more_routes_than_can_be_advertised_are_refused_at_once() {
+        let tunnel = nets(&["100.64.0.0/24"]);
+        let many: Vec<String> = (0..100_000)
+            .map(|i| format!("198.{}.{}.{}/32", 18 + (i >> 16), (i >> 8) & 0xff, i & 0xff))
+            .collect();
+        let err = validate_advertised(&many, &tunnel, false).expect_err("too many");
+        assert!(err.contains("100000 prefixes given; at most 64"), "{err}");
+        // As many bad entries as fit get one line, not one each.
+        let junk = vec!["x".to_string(); 100_000];
+        let err = validate_advertised(&junk, &tunnel, false).expect_err("junk");
+        assert_eq!(err.lines().count(), 1, "{err:.200}");
+        let max: Vec<String> = many.into_iter().take(MAX_ROUTES).collect();
+        assert_eq!(
+            validate_advertised(&max, &tunnel, false).map(|r| r.len()),
+            Ok(MAX_ROUTES)
         );
     }
 

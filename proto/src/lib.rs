@@ -1,10 +1,11 @@
 //! The control protocol between `vpcgate` and `vpcgated`.
 //!
 //! A message is a 4-byte big-endian length followed by that many bytes of
-//! JSON. Both sides refuse frames over [`MAX_FRAME`] before reading them, so
-//! a hostile peer on the socket cannot make either side allocate without
-//! bound. This crate holds only types and framing: no I/O runtime, nothing of
-//! the data path.
+//! JSON. Each side refuses a frame over its limit before reading it, so a
+//! hostile peer on the socket cannot make either side allocate without
+//! bound: the daemon reads requests of at most [`MAX_FRAME`], the CLI
+//! replies of at most [`MAX_RESPONSE`]. This crate holds only types and
+//! framing: no I/O runtime, nothing of the data path.
 
 use std::io::{self, Read, Write};
 
@@ -16,8 +17,26 @@ pub const DEFAULT_SOCKET: &str = "/run/vpcgate/vpcgated.sock";
 /// Environment variable that overrides the socket path for `vpcgate`.
 pub const SOCKET_ENV: &str = "VPCGATE_SOCKET";
 
-/// The largest frame either side accepts.
+/// The largest request the daemon accepts.
 pub const MAX_FRAME: usize = 1 << 20;
+
+/// The largest reply the CLI accepts. The status and peer list of a
+/// gateway with the most peers a UAPI request may add (100,000) run to
+/// tens of megabytes, and the CLI trusts the daemon it talks to.
+pub const MAX_RESPONSE: usize = 256 << 20;
+
+/// A message that travels in frames, with the largest frame it may have.
+pub trait Framed {
+    const MAX: usize;
+}
+
+impl Framed for Request {
+    const MAX: usize = MAX_FRAME;
+}
+
+impl Framed for Response {
+    const MAX: usize = MAX_RESPONSE;
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "request", rename_all = "snake_case", deny_unknown_fields)]
@@ -150,31 +169,49 @@ pub struct PeerStatus {
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
-    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
-    TooLarge(usize),
+    #[error("a message of {len} bytes is more than the {max} bytes allowed")]
+    TooLarge { len: usize, max: usize },
     #[error("malformed message: {0}")]
     Malformed(#[from] serde_json::Error),
     #[error(transparent)]
     Io(#[from] io::Error),
 }
 
-/// Encodes a message as one frame.
-pub fn encode<T: Serialize>(message: &T) -> Result<Vec<u8>, FrameError> {
-    let body = serde_json::to_vec(message)?;
-    if body.len() > MAX_FRAME {
-        return Err(FrameError::TooLarge(body.len()));
+/// Counts what serde writes, to size a frame before writing it.
+struct Counter(usize);
+
+impl Write for Counter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
     }
-    let mut frame = Vec::with_capacity(4 + body.len());
-    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    frame.extend_from_slice(&body);
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Encodes a message as one frame. The buffer is allocated once at its
+/// final size and never grows, so a message holding a key (a client
+/// config) leaves no stray copies behind; zeroize the frame after use.
+pub fn encode<T: Serialize + Framed>(message: &T) -> Result<Vec<u8>, FrameError> {
+    let mut counter = Counter(0);
+    serde_json::to_writer(&mut counter, message)?;
+    let len = counter.0;
+    if len > T::MAX {
+        return Err(FrameError::TooLarge { len, max: T::MAX });
+    }
+    let mut frame = Vec::with_capacity(4 + len);
+    frame.extend_from_slice(&(len as u32).to_be_bytes());
+    serde_json::to_writer(&mut frame, message)?;
     Ok(frame)
 }
 
-/// Reads a frame's length prefix and checks it against the limit.
-pub fn frame_len(prefix: [u8; 4]) -> Result<usize, FrameError> {
+/// Reads a frame's length prefix and checks it against the limit for `T`.
+pub fn frame_len<T: Framed>(prefix: [u8; 4]) -> Result<usize, FrameError> {
     let len = u32::from_be_bytes(prefix) as usize;
-    if len > MAX_FRAME {
-        return Err(FrameError::TooLarge(len));
+    if len > T::MAX {
+        return Err(FrameError::TooLarge { len, max: T::MAX });
     }
     Ok(len)
 }
@@ -184,18 +221,28 @@ pub fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, FrameError> {
 }
 
 /// Blocking write of one frame (the CLI side).
-pub fn write_frame<T: Serialize>(w: &mut impl Write, message: &T) -> Result<(), FrameError> {
+pub fn write_frame<T: Serialize + Framed>(
+    w: &mut impl Write,
+    message: &T,
+) -> Result<(), FrameError> {
     w.write_all(&encode(message)?)?;
     w.flush()?;
     Ok(())
 }
 
-/// Blocking read of one frame (the CLI side).
-pub fn read_frame<T: for<'a> Deserialize<'a>>(r: &mut impl Read) -> Result<T, FrameError> {
+/// Blocking read of one frame (the CLI side). The body is read as it
+/// arrives, so a length prefix alone allocates nothing.
+pub fn read_frame<T: for<'a> Deserialize<'a> + Framed>(r: &mut impl Read) -> Result<T, FrameError> {
     let mut prefix = [0u8; 4];
     r.read_exact(&mut prefix)?;
-    let mut body = vec![0u8; frame_len(prefix)?];
-    r.read_exact(&mut body)?;
+    let len = frame_len::<T>(prefix)?;
+    // Sized up front (within reason) so that a reply holding a key does
+    // not leave copies behind as the buffer grows.
+    let mut body = Vec::with_capacity(len.min(MAX_FRAME));
+    r.take(len as u64).read_to_end(&mut body)?;
+    if body.len() < len {
+        return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+    }
     decode(&body)
 }
 
@@ -215,7 +262,12 @@ mod tests {
         let mut frame = ((MAX_FRAME + 1) as u32).to_be_bytes().to_vec();
         frame.extend_from_slice(b"{}");
         let err = read_frame::<Request>(&mut &frame[..]).expect_err("too large");
-        assert!(matches!(err, FrameError::TooLarge(n) if n == MAX_FRAME + 1));
+        assert!(matches!(err, FrameError::TooLarge { len, .. } if len == MAX_FRAME + 1));
+        // A reply may be larger than any request.
+        let mut frame = ((MAX_FRAME + 1) as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(b"{}");
+        let err = read_frame::<Response>(&mut &frame[..]).expect_err("truncated");
+        assert!(matches!(err, FrameError::Io(_)), "{err:?}");
     }
 
     #[test]
@@ -227,6 +279,27 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
+    }
+
+    #[test]
+    fn encoding_checks_the_limit_of_the_message() {
+        let routes = vec!["198.18.64.0/20".to_string(); MAX_FRAME / 10];
+        let request = Request::AdvertiseRoutes {
+            routes: routes.clone(),
+            exit_node: false,
+        };
+        assert!(matches!(
+            encode(&request),
+            Err(FrameError::TooLarge { max, .. }) if max == MAX_FRAME
+        ));
+        let response = Response::Routes {
+            routes,
+            warnings: Vec::new(),
+        };
+        let frame = encode(&response).expect("a large reply encodes");
+        assert_eq!(frame.len(), frame.capacity(), "the frame was reallocated");
+        let back: Response = read_frame(&mut &frame[..]).expect("decode");
+        assert_eq!(back, response);
     }
 
     #[test]

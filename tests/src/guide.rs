@@ -370,7 +370,22 @@ impl Vpcgate {
         self.output_stdin(args, None)
     }
 
-    fn output_stdin(&self, args: &[&str], stdin: Option<&[u8]>) -> Result<Output> {
+    /// Like [`Vpcgate::output`] with arguments that need not be UTF-8.
+    pub fn output_os(&self, args: &[&std::ffi::OsStr]) -> Result<Output> {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", self.ns.name()])
+            .arg(&self.bin)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .with_context(|| format!("cannot run {}", self.bin.display()))?;
+        Ok(out)
+    }
+
+    /// Like [`Vpcgate::output`] with `stdin` fed to the command.
+    pub fn output_stdin(&self, args: &[&str], stdin: Option<&[u8]>) -> Result<Output> {
         let bin = self.bin.to_string_lossy().into_owned();
         let sock = self.socket.to_string_lossy().into_owned();
         run_raw(&self.argv(&bin, &sock, args), stdin)

@@ -28,8 +28,8 @@ pub use pair::{
     UNDERLAY_PREFIX4, UNDERLAY_PREFIX6,
 };
 pub use traffic::{
-    iface_stats, iperf3, ping, ping_stats, send_udp, tcp_transfer, wait_for_ping, IfaceStats,
-    Iperf, Pattern, PingStats, Transfer, UdpOutCounter,
+    http_get, iface_stats, iperf3, ping, ping_stats, send_udp, tcp_transfer, wait_for_ping,
+    IfaceStats, Iperf, Pattern, PingStats, Transfer, UdpOutCounter,
 };
 pub use wg::{
     bin_dir, gen_keypair, gen_psk, public_key_of, unix_now, vpcgate_bin, vpcgated_bin, KeyPair,
@@ -41,7 +41,7 @@ pub trait OrDie<T> {
     fn or_die(self, what: &str) -> T;
 }
 
-impl<T> OrDie<T> for anyhow::Result<T> {
+impl<T, E: std::fmt::Display> OrDie<T> for Result<T, E> {
     #[track_caller]
     fn or_die(self, what: &str) -> T {
         match self {
@@ -54,4 +54,56 @@ impl<T> OrDie<T> for anyhow::Result<T> {
 /// A list of strings as a set, for order-insensitive comparisons.
 pub fn set_of(items: &[String]) -> std::collections::BTreeSet<&str> {
     items.iter().map(String::as_str).collect()
+}
+
+/// Decodes standard base64 (with `=` padding), as `wg` prints keys.
+pub fn base64_decode(text: &str) -> anyhow::Result<Vec<u8>> {
+    let value = |c: u8| -> anyhow::Result<u32> {
+        Ok(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => anyhow::bail!("{text:?} is not base64"),
+        }
+        .into())
+    };
+    let body = text.trim().trim_end_matches('=');
+    let mut out = Vec::with_capacity(body.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in body.bytes() {
+        acc = (acc << 6) | value(c)?;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    Ok(out)
+}
+
+/// A base64 key in lowercase hex, the form the UAPI uses.
+pub fn key_hex(base64: &str) -> anyhow::Result<String> {
+    let bytes = base64_decode(base64)?;
+    if bytes.len() != 32 {
+        anyhow::bail!("{base64:?} is not a 32-byte key");
+    }
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_hex_decodes_base64() {
+        // RFC 7748 section 6.1, Alice's public key.
+        assert_eq!(
+            key_hex("hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=").expect("valid"),
+            "8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a"
+        );
+        assert!(key_hex("AAAA").is_err());
+        assert!(key_hex("not base64!").is_err());
+    }
 }

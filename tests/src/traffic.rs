@@ -515,6 +515,28 @@ impl UdpOutCounter {
     }
 }
 
+/// Sends a raw HTTP/1.1 `request` to `addr` from inside `ns` and returns the
+/// whole response (the server closes the connection after it).
+pub fn http_get(ns: &Netns, addr: SocketAddr, request: &str) -> Result<String> {
+    thread::scope(|scope| {
+        scope
+            .spawn(|| -> Result<String> {
+                ns.enter_current_thread()?;
+                let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+                    .with_context(|| format!("cannot connect to {addr} in {}", ns.name()))?;
+                stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+                stream.write_all(request.as_bytes())?;
+                let mut text = String::new();
+                stream
+                    .read_to_string(&mut text)
+                    .with_context(|| format!("reading the answer from {addr}"))?;
+                Ok(text)
+            })
+            .join()
+            .map_err(|_| anyhow!("the HTTP client thread panicked"))?
+    })
+}
+
 /// Packet counters from `/sys/class/net/IFACE/statistics` in a namespace.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IfaceStats {

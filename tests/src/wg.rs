@@ -231,6 +231,13 @@ pub struct VpcgatedConfig {
     pub extra_args: Vec<String>,
     /// Extra environment for the daemon (e.g. NOTIFY_SOCKET).
     pub env: Vec<(String, String)>,
+    /// A fixed interface name, to restart on the same one (and so the same
+    /// UAPI and control socket paths); `None` makes a fresh name from the tag.
+    pub interface: Option<String>,
+    /// Leave out `--listen-port` and `--address`, so the daemon takes them
+    /// (and the MTU) from `settings.json` in its state dir, as a restart by
+    /// systemd does; readiness then waits for the TUN to match that file.
+    pub saved_settings: bool,
 }
 
 impl VpcgatedConfig {
@@ -242,8 +249,31 @@ impl VpcgatedConfig {
             log_level: "debug".to_string(),
             extra_args: Vec::new(),
             env: Vec::new(),
+            interface: None,
+            saved_settings: false,
         }
     }
+}
+
+/// The addresses (comma-separated) and MTU that `settings.json` in
+/// `state_dir` gives the TUN.
+fn saved_tun_settings(state_dir: &Path) -> Result<(String, u32)> {
+    let path = state_dir.join("settings.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    let addresses: Vec<&str> = json["addresses"]
+        .as_array()
+        .with_context(|| format!("{} has no addresses: {text}", path.display()))?
+        .iter()
+        .filter_map(serde_json::Value::as_str)
+        .collect();
+    let mtu = json["mtu"]
+        .as_u64()
+        .and_then(|m| u32::try_from(m).ok())
+        .with_context(|| format!("{} has no mtu: {text}", path.display()))?;
+    Ok((addresses.join(","), mtu))
 }
 
 /// A running WireGuard implementation in a namespace, addressed by its
@@ -254,6 +284,28 @@ pub struct WgDev {
     proc: Proc,
     state_dir: Option<PathBuf>,
     control_socket: Option<PathBuf>,
+    /// The socket file a killed predecessor on the same name left behind.
+    stale_socket: Option<SocketFileId>,
+}
+
+/// Tells one socket file from another at the same path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct SocketFileId {
+    inode: u64,
+    ctime_nsec: i64,
+    ctime: i64,
+}
+
+impl SocketFileId {
+    fn of(path: &Path) -> Option<SocketFileId> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::symlink_metadata(path).ok()?;
+        Some(SocketFileId {
+            inode: m.ino(),
+            ctime: m.ctime(),
+            ctime_nsec: m.ctime_nsec(),
+        })
+    }
 }
 
 impl WgDev {
@@ -273,16 +325,33 @@ impl WgDev {
             proc,
             state_dir: None,
             control_socket: None,
+            stale_socket: None,
         };
         dev.wait_ready()?;
         Ok(dev)
     }
 
     /// Starts `vpcgated` and waits until its UAPI socket answers `wg show`
-    /// and its TUN is up with the configured address and MTU 1420.
+    /// and its TUN is up with the configured address and MTU 1420 (with
+    /// [`VpcgatedConfig::saved_settings`], with the saved ones).
     pub fn vpcgated(ns: &Netns, tag: &str, cfg: &VpcgatedConfig) -> Result<WgDev> {
+        let mut dev = WgDev::vpcgated_unready(ns, tag, cfg)?;
+        dev.wait_ready()?;
+        if cfg.saved_settings {
+            let state_dir = dev.state_dir.clone().context("vpcgated has a state dir")?;
+            let (addresses, mtu) = saved_tun_settings(&state_dir)?;
+            dev.wait_tun_configured(&addresses, mtu)?;
+        } else {
+            dev.wait_tun_configured(&cfg.address, 1420)?;
+        }
+        Ok(dev)
+    }
+
+    /// Starts `vpcgated` and returns at once, without waiting for it to be
+    /// ready (e.g. to kill it while it starts).
+    pub fn vpcgated_unready(ns: &Netns, tag: &str, cfg: &VpcgatedConfig) -> Result<WgDev> {
         let bin = vpcgated_bin()?;
-        let name = unique_ifname(tag);
+        let name = cfg.interface.clone().unwrap_or_else(|| unique_ifname(tag));
         let state_dir = match &cfg.state_dir {
             Some(d) => d.clone(),
             None => ns.dir().join(format!("state-{name}")),
@@ -300,31 +369,36 @@ impl WgDev {
             &state_s,
             "--socket",
             &sock_s,
-            "--listen-port",
-            &port,
-            "--address",
-            &cfg.address,
             "--log-level",
             &cfg.log_level,
         ];
+        if !cfg.saved_settings {
+            argv.extend([
+                "--listen-port",
+                port.as_str(),
+                "--address",
+                cfg.address.as_str(),
+            ]);
+        }
         argv.extend(cfg.extra_args.iter().map(String::as_str));
         let mut env = vec![("RUST_BACKTRACE", "1")];
         env.extend(cfg.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let stale_socket = SocketFileId::of(&Path::new(UAPI_DIR).join(format!("{name}.sock")));
         let proc = ns.spawn(&format!("vpcgated-{name}"), &argv, &env)?;
-        let mut dev = WgDev {
+        Ok(WgDev {
             ns: ns.clone(),
             name,
             proc,
             state_dir: Some(state_dir),
             control_socket: Some(control_socket),
-        };
-        dev.wait_ready()?;
-        dev.wait_tun_configured(&cfg.address, 1420)?;
-        Ok(dev)
+            stale_socket,
+        })
     }
 
     /// Ready means: the process is alive, the UAPI socket exists and
-    /// `wg show NAME` succeeds.
+    /// `wg show NAME` succeeds. A socket file left by a killed predecessor
+    /// is not probed: `wg` unlinks a socket nobody answers on, and doing so
+    /// while the daemon replaces it could unlink the daemon's new one.
     fn wait_ready(&mut self) -> Result<()> {
         let sock = self.uapi_socket();
         let what = format!(
@@ -337,10 +411,13 @@ impl WgDev {
         let ns = self.ns.clone();
         let name = self.name.clone();
         let proc = &mut self.proc;
+        let stale = self.stale_socket;
         let res = wait_until(READY_TIMEOUT, &what, || {
             proc.check_running()?;
-            if !sock.exists() {
-                return Ok(false);
+            match SocketFileId::of(&sock) {
+                None => return Ok(false),
+                Some(id) if Some(id) == stale => return Ok(false),
+                Some(_) => {}
             }
             Ok(ns.exec_raw(&["wg", "show", &name])?.status.success())
         });

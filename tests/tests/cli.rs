@@ -131,6 +131,16 @@ fn advertise_routes_validates_persists_and_clears() {
     );
     gw.ok(&["advertise-routes", "--exit-node", "0.0.0.0/0"]);
     assert_eq!(gw.ok(&["advertise-routes"]), "0.0.0.0/0\n");
+    // A default route covers the tunnel network without taking its place:
+    // the address can still change, and the daemon starts with it saved.
+    gw.ok(&["set", "--address", "100.64.0.1/24,fd00:64::1/64"]);
+    gw.ok(&["set", "--address", "100.64.0.1/24"]);
+    gw.restart();
+    assert_eq!(
+        gw.ok(&["advertise-routes"]),
+        "0.0.0.0/0\n",
+        "an exit node survives a restart"
+    );
     gw.ok(&["advertise-routes", "--clear"]);
     assert_eq!(gw.ok(&["advertise-routes"]), "");
 }

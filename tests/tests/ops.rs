@@ -2,7 +2,7 @@
 //! systemd notify protocol, reload, and a SIGKILL restart that stock clients
 //! ride through without being reconfigured.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
@@ -246,23 +246,9 @@ fn metrics_expose_peers_drops_and_routes() {
     // A packet to nowhere, to move a drop counter.
     let _ = ns.exec_raw(&["ping", "-c", "1", "-W", "1", "100.64.0.77"]);
 
-    let fetch = |request: &'static str| {
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                ns.enter_current_thread().expect("enter namespace");
-                let mut stream =
-                    std::net::TcpStream::connect("127.0.0.1:9586").expect("connect to metrics");
-                stream
-                    .set_read_timeout(Some(Duration::from_secs(10)))
-                    .expect("timeout");
-                stream.write_all(request.as_bytes()).expect("send");
-                let mut text = String::new();
-                stream.read_to_string(&mut text).expect("read");
-                text
-            })
-            .join()
-            .expect("metrics thread")
-        })
+    let fetch = |request: &str| {
+        vpcgate_e2e::http_get(&ns, "127.0.0.1:9586".parse().expect("address"), request)
+            .expect("metrics answer")
     };
     let text = fetch("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");

@@ -37,17 +37,6 @@ fn raw(socket: &Path, request: &[u8], replies: usize) -> String {
     String::from_utf8(reply).expect("UTF-8 reply")
 }
 
-fn hex_of(b64: &str) -> String {
-    let out = std::process::Command::new("sh")
-        .args([
-            "-c",
-            &format!("printf %s '{b64}' | base64 -d | od -An -tx1 | tr -d ' \\n'"),
-        ])
-        .output()
-        .expect("decode key");
-    String::from_utf8(out.stdout).expect("hex")
-}
-
 #[test]
 fn wg_set_remove_and_allowed_ip_ownership() {
     require_root();
@@ -167,7 +156,7 @@ fn raw_requests_errno_and_update_only() {
     let dev = start(&ns, "uc");
     let sock = dev.uapi_socket();
     let peer = gen_keypair().expect("key");
-    let peer_hex = hex_of(&peer.public);
+    let peer_hex = vpcgate_e2e::key_hex(&peer.public).expect("hex");
     assert_eq!(peer_hex.len(), 64);
 
     // update_only never creates a peer.

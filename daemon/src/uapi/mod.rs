@@ -4,13 +4,14 @@
 //!
 //! Each connection may carry several requests. A line over
 //! [`MAX_LINE`] bytes or a malformed request is answered with an errno and the
-//! connection keeps serving; nothing of a rejected `set` is applied.
+//! connection keeps serving; nothing of a rejected `set` is applied. Memory
+//! per connection is bounded whatever a client sends.
 
 pub mod proto;
 
 use std::sync::Arc;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::access::Access;
@@ -47,39 +48,95 @@ pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
     }
 }
 
+/// How much is read from the socket at a time.
+const READ_CHUNK: usize = 8192;
+
+/// What [`LineReader::next_line`] found.
+#[derive(Debug, PartialEq, Eq)]
+enum Line {
+    /// A line (without its `'\n'`) is in the caller's buffer.
+    Complete,
+    /// A line longer than [`MAX_LINE`] ended; it was read and dropped.
+    TooLong,
+    /// The connection ended; a partial last line is dropped.
+    End,
+}
+
+/// Splits a connection into lines. Unlike tokio's `BufReader`, its buffer
+/// is zeroized when dropped (a `set` carries private and preshared keys),
+/// and an overlong line is skipped as it streams past rather than gathered
+/// in memory, so one client cannot make the daemon hold megabytes.
+struct LineReader {
+    buf: zeroize::Zeroizing<Vec<u8>>,
+    start: usize,
+    end: usize,
+}
+
+impl LineReader {
+    fn new() -> LineReader {
+        LineReader {
+            buf: zeroize::Zeroizing::new(vec![0; READ_CHUNK]),
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// Reads the next line into `line`, which must have room for
+    /// [`MAX_LINE`] bytes so that it never reallocates (a reallocation would
+    /// leave a copy of a key behind).
+    async fn next_line<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut R,
+        line: &mut Vec<u8>,
+    ) -> std::io::Result<Line> {
+        line.clear();
+        let mut too_long = false;
+        loop {
+            let pending = &self.buf[self.start..self.end];
+            let newline = pending.iter().position(|&b| b == b'\n');
+            let piece = &pending[..newline.unwrap_or(pending.len())];
+            if too_long || line.len() + piece.len() > MAX_LINE {
+                too_long = true;
+                line.clear();
+            } else {
+                line.extend_from_slice(piece);
+            }
+            if let Some(at) = newline {
+                self.start += at + 1;
+                return Ok(if too_long {
+                    Line::TooLong
+                } else {
+                    Line::Complete
+                });
+            }
+            self.start = 0;
+            self.end = reader.read(&mut self.buf[..]).await?;
+            if self.end == 0 {
+                line.clear();
+                return Ok(Line::End);
+            }
+        }
+    }
+}
+
 async fn handle(stream: UnixStream, daemon: &Daemon) -> std::io::Result<()> {
-    let (read, mut write) = stream.into_split();
-    let mut reader = BufReader::new(read);
+    let (mut read, mut write) = stream.into_split();
+    let mut lines = LineReader::new();
     let mut parser = RequestParser::new();
-    // A set request carries private and preshared keys; both buffers are
-    // sized up front so they rarely reallocate and leave copies behind.
-    let mut line = zeroize::Zeroizing::new(Vec::with_capacity(MAX_LINE + 1));
-    // A get reply carries the private key in hex.
+    let mut line = zeroize::Zeroizing::new(Vec::with_capacity(MAX_LINE));
+    // A get reply carries the private key in hex; see `Daemon::uapi_get`.
     let mut reply = zeroize::Zeroizing::new(String::with_capacity(4096));
     // Set once a request has failed: the rest of it is skipped up to its
     // terminating blank line, then the error is reported.
     let mut failed: Option<i32> = None;
     loop {
-        line.clear();
-        let n = (&mut reader)
-            .take(MAX_LINE as u64 + 1)
-            .read_until(b'\n', &mut line)
-            .await?;
-        if n == 0 {
-            return Ok(());
-        }
-        let complete = line.last() == Some(&b'\n');
-        if complete {
-            line.pop();
-        } else if line.len() > MAX_LINE {
-            failed.get_or_insert(libc::EMSGSIZE);
-            // Discard the rest of the overlong line.
-            let mut sink = Vec::new();
-            let _ = (&mut reader)
-                .take(64 * 1024 * 1024)
-                .read_until(b'\n', &mut sink)
-                .await?;
-            continue;
+        match lines.next_line(&mut read, &mut line).await? {
+            Line::End => return Ok(()),
+            Line::TooLong => {
+                failed.get_or_insert(libc::EMSGSIZE);
+                continue;
+            }
+            Line::Complete => {}
         }
         if let Some(errno) = failed {
             if line.is_empty() {
@@ -119,6 +176,57 @@ async fn handle(stream: UnixStream, daemon: &Daemon) -> std::io::Result<()> {
                     failed = Some(e.errno());
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines_of(input: &[u8]) -> Vec<(Line, Vec<u8>)> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let mut reader = input;
+            let mut lines = LineReader::new();
+            let mut line = Vec::with_capacity(MAX_LINE);
+            let capacity = line.capacity();
+            let mut out = Vec::new();
+            loop {
+                let got = lines.next_line(&mut reader, &mut line).await.expect("read");
+                assert_eq!(line.capacity(), capacity, "the line buffer moved");
+                let end = got == Line::End;
+                out.push((got, line.clone()));
+                if end {
+                    return out;
+                }
+            }
+        })
+    }
+
+    #[test]
+    fn splits_lines_across_reads_and_drops_overlong_ones() {
+        let long = vec![b'a'; 3 * READ_CHUNK + 5];
+        let limit = vec![b'b'; MAX_LINE];
+        let mut input = b"get=1\n\n".to_vec();
+        input.extend_from_slice(&long);
+        input.extend_from_slice(b"\nset=1\n");
+        input.extend_from_slice(&limit);
+        input.extend_from_slice(b"\npartial");
+        let got = lines_of(&input);
+        let expected = vec![
+            (Line::Complete, b"get=1".to_vec()),
+            (Line::Complete, Vec::new()),
+            (Line::TooLong, Vec::new()),
+            (Line::Complete, b"set=1".to_vec()),
+            (Line::Complete, limit),
+            (Line::End, Vec::new()),
+        ];
+        assert_eq!(got.len(), expected.len());
+        for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+            assert!(g == e, "line {i}: {:?} {} bytes", g.0, g.1.len());
         }
     }
 }

@@ -186,27 +186,29 @@ pub enum UapiError {
     #[error("empty line where a request should start; send \"get=1\" or \"set=1\" first")]
     MissingOperation,
     /// EINVAL.
-    #[error("unknown operation {0:?}; a request starts with \"get=1\" or \"set=1\"")]
+    #[error("unknown operation {0}; a request starts with \"get=1\" or \"set=1\"")]
     UnknownOperation(String),
     /// EINVAL, as wireguard-go answers trailing bytes after `get=1`.
-    #[error("unexpected line {0:?} after \"get=1\"; a get request is \"get=1\" and an empty line")]
+    #[error("unexpected line {0} after \"get=1\"; a get request is \"get=1\" and an empty line")]
     TrailingGetLine(String),
     /// EPROTO, as wireguard-go answers a line without `=`.
-    #[error("line {0:?} is not of the form key=value")]
+    #[error("line {0} is not of the form key=value")]
     MissingEquals(String),
     /// EINVAL.
-    #[error("unknown device key {0:?}")]
+    #[error("unknown device key {0}")]
     UnknownDeviceKey(String),
     /// EINVAL.
-    #[error("unknown peer key {0:?}")]
+    #[error("unknown peer key {0}")]
     UnknownPeerKey(String),
     /// EINVAL.
     #[error(
-        "device key {0:?} after a public_key line; device settings must come before the first peer"
+        "device key {0} after a public_key line; device settings must come before the first peer"
     )]
     DeviceKeyAfterPeer(String),
     /// EINVAL.
-    #[error("peer key {0:?} before any public_key line; start each peer with public_key=<64 hex digits>")]
+    #[error(
+        "peer key {0} before any public_key line; start each peer with public_key=<64 hex digits>"
+    )]
     PeerKeyBeforePublicKey(String),
     /// EINVAL.
     #[error("{field} must be 64 hexadecimal digits, got {len} bytes")]
@@ -374,11 +376,11 @@ impl RequestParser {
                 self.state = match line {
                     "get=1" => State::Get,
                     "set=1" => State::Set(SetBuilder::default()),
-                    _ => return Err(UapiError::UnknownOperation(excerpt(line))),
+                    _ => return Err(UapiError::UnknownOperation(quote_line(line))),
                 };
                 Ok(())
             }
-            State::Get => Err(UapiError::TrailingGetLine(excerpt(line))),
+            State::Get => Err(UapiError::TrailingGetLine(quote_line(line))),
             State::Set(builder) => builder.line(line),
             State::Discarding => Ok(()),
         }
@@ -389,7 +391,7 @@ impl SetBuilder {
     fn line(&mut self, line: &str) -> Result<(), UapiError> {
         let (key, value) = line
             .split_once('=')
-            .ok_or_else(|| UapiError::MissingEquals(excerpt(line)))?;
+            .ok_or_else(|| UapiError::MissingEquals(quote_line(line)))?;
         if key == "public_key" {
             return self.start_peer(value);
         }
@@ -431,9 +433,9 @@ fn device_line(req: &mut SetRequest, key: &str, value: &str) -> Result<(), UapiE
         "fwmark" => req.fwmark = Some(parse_fwmark(value)?),
         "replace_peers" => req.replace_peers = parse_true("replace_peers", value)?,
         _ if PEER_KEYS.contains(&key) => {
-            return Err(UapiError::PeerKeyBeforePublicKey(excerpt(key)))
+            return Err(UapiError::PeerKeyBeforePublicKey(quote_line(key)))
         }
-        _ => return Err(UapiError::UnknownDeviceKey(excerpt(key))),
+        _ => return Err(UapiError::UnknownDeviceKey(quote_line(key))),
     }
     Ok(())
 }
@@ -468,8 +470,10 @@ fn peer_line(
                 return Err(UapiError::BadProtocolVersion(excerpt(value)));
             }
         }
-        _ if DEVICE_KEYS.contains(&key) => return Err(UapiError::DeviceKeyAfterPeer(excerpt(key))),
-        _ => return Err(UapiError::UnknownPeerKey(excerpt(key))),
+        _ if DEVICE_KEYS.contains(&key) => {
+            return Err(UapiError::DeviceKeyAfterPeer(quote_line(key)))
+        }
+        _ => return Err(UapiError::UnknownPeerKey(quote_line(key))),
     }
     Ok(())
 }
@@ -599,12 +603,57 @@ fn parse_allowed_ip(value: &str) -> Result<AllowedIpChange, UapiError> {
     })
 }
 
+/// Longest key name an error quotes; every UAPI key name is shorter.
+const NAME_CHARS: usize = 32;
+/// Longest value an error quotes after a key name: too short to be a key.
+const VALUE_CHARS: usize = 8;
+
+/// How an error names a line or a key it did not expect, quoted. Such a
+/// line may hold a key sent in the wrong place (`private_key=` before
+/// `set=1`, or a typo in the key name), and errors are logged, so a
+/// value is shown only when it is too short to be key material, and a name
+/// only when it looks like one: letters, `_` and `-` (no UAPI key name has
+/// a digit, and a hex or base64 key almost always does). Anything else is
+/// described by its length.
+fn quote_line(line: &str) -> String {
+    let (name, value) = line
+        .split_once('=')
+        .map_or((line, None), |(name, value)| (name, Some(value)));
+    let plausible = !name.is_empty()
+        && name.len() <= NAME_CHARS
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphabetic() || b == b'_' || b == b'-');
+    if !plausible {
+        return format!("({} bytes, not shown)", line.len());
+    }
+    let shown = match value {
+        None => name.to_string(),
+        Some(value) if value.chars().count() <= VALUE_CHARS => format!("{name}={value}"),
+        Some(_) => format!("{name}=…"),
+    };
+    format!("{shown:?}")
+}
+
 fn excerpt(s: &str) -> String {
     let mut out: String = s.chars().take(EXCERPT_CHARS).collect();
     if out.len() < s.len() {
         out.push('…');
     }
     out
+}
+
+/// An upper bound on the length of [`format_get`]'s reply for `view`.
+pub fn get_reply_capacity(view: &DeviceView) -> usize {
+    // The longest possible lines: the key (77 bytes), port and fwmark, the
+    // final errno; per peer two key lines, an endpoint, the counters and
+    // keepalive (about 420 bytes); per allowed IP one line (at most 55).
+    const DEVICE: usize = 256;
+    const PEER: usize = 512;
+    const ALLOWED_IP: usize = 64;
+    view.peers.iter().fold(DEVICE, |total, peer| {
+        total + PEER + ALLOWED_IP * peer.allowed_ips.len()
+    })
 }
 
 /// Writes the reply to a successful `get`, ending with `errno=0` and the empty
@@ -1104,9 +1153,9 @@ mod tests {
     #[test]
     fn unknown_keys() {
         let err = expect_error("set=1\nlisten-port=51820\n\n");
-        assert_eq!(err, UapiError::UnknownDeviceKey("listen-port".into()));
+        assert_eq!(err, UapiError::UnknownDeviceKey("\"listen-port\"".into()));
         let err = expect_error(&format!("set=1\npublic_key={PUB_A}\nrx_bytes=5\n\n"));
-        assert_eq!(err, UapiError::UnknownPeerKey("rx_bytes".into()));
+        assert_eq!(err, UapiError::UnknownPeerKey("\"rx_bytes\"".into()));
         assert_eq!(err.errno(), EINVAL);
     }
 
@@ -1316,7 +1365,7 @@ mod tests {
             "get",
         ] {
             let err = expect_error(&format!("{line}\n\n"));
-            assert_eq!(err, UapiError::UnknownOperation(line.into()));
+            assert_eq!(err, UapiError::UnknownOperation(format!("{line:?}")));
             assert_eq!(err.errno(), EINVAL);
         }
     }
@@ -1331,7 +1380,7 @@ mod tests {
     #[test]
     fn line_without_equals() {
         let err = expect_error("set=1\nlisten_port\n\n");
-        assert_eq!(err, UapiError::MissingEquals("listen_port".into()));
+        assert_eq!(err, UapiError::MissingEquals("\"listen_port\"".into()));
         assert_eq!(err.errno(), EPROTO);
     }
 
@@ -1352,10 +1401,63 @@ mod tests {
     #[test]
     fn error_messages_quote_a_short_excerpt() {
         let err = expect_error(&format!("set=1\n{}=1\n\n", "k".repeat(1000)));
-        let UapiError::UnknownDeviceKey(quoted) = err else {
-            panic!("unexpected error {err:?}");
+        assert_eq!(
+            err,
+            UapiError::UnknownDeviceKey("(1000 bytes, not shown)".into())
+        );
+        let err = expect_error(&format!(
+            "set=1\npublic_key={PUB_A}\nendpoint={}\n\n",
+            "1".repeat(1000)
+        ));
+        assert!(err.to_string().chars().count() < 200, "{err}");
+    }
+
+    #[test]
+    fn get_reply_fits_its_capacity_at_the_longest() {
+        let peer = PeerView {
+            public_key: key(PUB_A),
+            preshared_key: Some(key(PSK)),
+            endpoint: Some(
+                "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff%4294967295]:65535"
+                    .parse()
+                    .expect("addr"),
+            ),
+            persistent_keepalive: u16::MAX,
+            last_handshake: Some(UNIX_EPOCH + Duration::new(i64::MAX as u64, 999_999_999)),
+            rx_bytes: u64::MAX,
+            tx_bytes: u64::MAX,
+            allowed_ips: vec![net("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ff00/120"); 3],
         };
-        assert_eq!(quoted.chars().count(), EXCERPT_CHARS + 1);
+        let view = DeviceView {
+            private_key: Some(key(PRIV)),
+            listen_port: u16::MAX,
+            fwmark: u32::MAX,
+            peers: vec![peer.clone(), peer],
+        };
+        let mut out = String::new();
+        format_get(&view, &mut out);
+        assert!(out.len() <= get_reply_capacity(&view), "{}", out.len());
+    }
+
+    #[test]
+    fn lines_out_of_place_do_not_quote_keys() {
+        let lines = [
+            format!("private_key={PRIV}\n\n"),
+            format!("get=1\nprivate_key={PRIV}\n\n"),
+            format!("set=1\nprivate_key {PRIV}\n\n"),
+            format!("set=1\nprivate_key:{PRIV}\n\n"),
+            format!("set=1\n{PRIV}=1\n\n"),
+            format!("set=1\nprivate_kye={PRIV}\n\n"),
+            format!("set=1\npublic_key={PUB_A}\n{PRIV}\n\n"),
+            format!("set=1\npublic_key={PUB_A}\nprivate_key={PRIV}\n\n"),
+            format!("set=1\npreshared_key={PRIV}\n\n"),
+        ];
+        for request in &lines {
+            let err = expect_error(request).to_string();
+            assert!(!err.contains(&PRIV[..8]), "{err}");
+        }
+        let err = expect_error(&format!("private_key={PRIV}\n\n"));
+        assert_eq!(err, UapiError::UnknownOperation("\"private_key=…\"".into()));
     }
 
     #[test]
