@@ -591,12 +591,14 @@ impl Worker {
             for (buf, meta) in self.rx.udp.iter().zip(&self.rx.meta).take(received) {
                 let data = &buf[..meta.len.min(buf.len())];
                 // With GRO one buffer holds a run of `stride`-byte datagrams.
+                // An empty datagram is one too (and counted as malformed).
                 let stride = if meta.stride == 0 {
                     data.len()
                 } else {
                     meta.stride
                 };
-                for datagram in data.chunks(stride.max(1)) {
+                let empty: &[&[u8]] = if data.is_empty() { &[&[]] } else { &[] };
+                for datagram in data.chunks(stride.max(1)).chain(empty.iter().copied()) {
                     self.node.handle_datagram(
                         meta.addr,
                         datagram,

@@ -1041,6 +1041,8 @@ const SIZES: [(u8, usize); 4] = [(1, 148), (2, 92), (3, 64), (4, 32)];
 /// What a datagram must be counted as.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Expect {
+    /// Counted as `malformed`, or, for an initiation beyond its source's
+    /// share, as `rate_limited`.
     Malformed,
     UnknownPeer,
     /// Reaches the real peer's session and fails to verify there: counted
@@ -1089,8 +1091,9 @@ fn datagrams(rng: &mut Rng) -> Vec<(Vec<u8>, Expect)> {
             let missing = 0x100 * (1 + rng.below(0xff_fffe) as u32) + rng.below(256) as u32;
             if kind == 1 {
                 // Initiations are routed by the sender's key, which a random
-                // one fails to prove (mac1).
-                out.push((message(rng, kind, size, None), Expect::Rejected));
+                // one fails to prove: a bad mac1 is malformed (past the
+                // source's share it is rate-limited before that check).
+                out.push((message(rng, kind, size, None), Expect::Malformed));
             } else {
                 out.push((message(rng, kind, size, Some(missing)), Expect::UnknownPeer));
                 let slot0 = rng.below(256) as u32;
@@ -1121,7 +1124,7 @@ fn drops(status: &Status) -> (u64, u64, u64) {
             .unwrap_or_else(|| panic!("status lists no {r} counter: {:?}", status.drops))
     };
     (
-        n("malformed"),
+        n("malformed") + n("rate_limited"),
         n("unknown_peer"),
         n("handshake_failed") + n("decrypt_failed"),
     )
