@@ -10,6 +10,7 @@ mod flows;
 mod guide;
 mod netns;
 mod pair;
+mod rng;
 mod traffic;
 mod wg;
 
@@ -21,6 +22,8 @@ pub use guide::{
     GW_TUNNEL_ADDRS_DUAL, GW_VPC, GW_VPC6, INET_GW_SIDE6, PEERED_RANGE, PEERED_RANGE6, TUNNEL_NET,
     TUNNEL_NET6, VPC_HOST, VPC_HOST6, VPC_RANGE, VPC_RANGE6, VPC_ROUTER, VPC_ROUTER6,
 };
+
+pub use rng::{seed, Rng};
 
 pub use netns::{require_root, unique_ifname, veth, wait_until, Netns, Proc};
 pub use pair::{

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use vpcgate_e2e::{
-    gen_keypair, require_root, unique_ifname, ClientConf, Netns, OrDie, Status, Vpcgate,
+    gen_keypair, require_root, seed, unique_ifname, ClientConf, Netns, OrDie, Rng, Status, Vpcgate,
     VpcgatedConfig, WgDev,
 };
 
@@ -32,27 +32,6 @@ const ROUTE_POOL: [&str; 6] = [
 ];
 const ADDRESS4: &str = "100.64.0.1/16";
 const ADDRESS6: &str = "fd00:64::1/64";
-
-/// splitmix64: small, seedable, good enough to pick test actions.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn percent(&mut self, p: u64) -> bool {
-        self.below(100) < p
-    }
-}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct PeerModel {
@@ -411,16 +390,7 @@ struct Tally {
 #[test]
 fn sigkill_at_random_moments_loses_no_acknowledged_change() {
     require_root();
-    let seed = std::env::var("VPCGATE_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        });
-    eprintln!("durability seed: {seed} (replay with VPCGATE_SEED={seed})");
+    let seed = seed("durability ");
     let started = Instant::now();
     let ns = Netns::new("dur").or_die("namespace");
     let state = ns.dir().join("state");

@@ -5,7 +5,6 @@
 //! CPU per datagram (no Diffie-Hellman per flood packet), every flood
 //! datagram is counted as a drop, and the daemon's memory does not grow.
 
-use std::fs;
 use std::net::IpAddr;
 use std::path::Path;
 use std::thread;
@@ -24,25 +23,6 @@ const MB: u64 = 1024 * 1024;
 const MAX_CPU_PER_DATAGRAM: Duration = Duration::from_micros(25);
 /// Initiations the device handles a second before it demands cookies.
 const BEFORE_COOKIES_PER_SECOND: u64 = 200;
-
-/// utime + stime of a process, and its resident set.
-fn cpu_and_rss(pid: i32) -> (Duration, u64) {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc stat");
-    let rest = stat.rsplit_once(") ").map(|(_, r)| r).expect("stat format");
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // After "(comm) ", utime and stime are fields 12 and 13 (0-based 11, 12).
-    let ticks: u64 =
-        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
-    // SAFETY: sysconf has no preconditions.
-    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).expect("CLK_TCK");
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
-    let rss_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS");
-    (Duration::from_millis(ticks * 1000 / hz), rss_kib * 1024)
-}
 
 /// Datagrams the daemon has dropped, from status.
 #[derive(Clone, Copy, Debug)]
@@ -122,8 +102,8 @@ struct Before {
 }
 
 fn measure(pair: &mut Pair, ctl: &Vpcgate) -> Before {
-    let pid = pair.a.dev.process().pid();
-    let (cpu, rss) = cpu_and_rss(pid);
+    let proc = pair.a.dev.process();
+    let (cpu, rss) = (proc.cpu_time().or_die("CPU"), proc.rss().or_die("RSS"));
     Before {
         cpu,
         rss,
@@ -135,8 +115,8 @@ fn measure(pair: &mut Pair, ctl: &Vpcgate) -> Before {
 /// daemon handled, memory, and the daemon still serving. Returns what the
 /// flood added to each drop counter.
 fn check_after(pair: &mut Pair, ctl: &Vpcgate, before: &Before, sent: u64) -> Drops {
-    let pid = pair.a.dev.process().pid();
-    let (cpu, rss) = cpu_and_rss(pid);
+    let proc = pair.a.dev.process();
+    let (cpu, rss) = (proc.cpu_time().or_die("CPU"), proc.rss().or_die("RSS"));
     let after = drops(ctl);
     let added = Drops {
         total: after.total - before.drops.total,
@@ -175,27 +155,47 @@ fn check_after(pair: &mut Pair, ctl: &Vpcgate, before: &Before, sent: u64) -> Dr
     added
 }
 
-#[test]
-fn flood_from_one_address_many_ports() {
+/// A vpcgated (a) and a wireguard-go (b) with a session up, and the flood
+/// source addresses on b's loopback.
+fn flood_pair(sources: &[String]) -> (Pair, Vpcgate) {
     require_root();
-    let mut pair = Pair::new(PairSpec::new(Impl::Vpcgated, Impl::WireguardGo))
+    let pair = Pair::new(PairSpec::new(Impl::Vpcgated, Impl::WireguardGo))
         .or_die("vpcgated and wireguard-go");
     wait_for_ping(&pair.b.ns, &pair.a.t4(), &[], Duration::from_secs(20)).or_die("first ping");
     let ctl = Vpcgate::for_dev(&pair.a.dev).or_die("CLI for a");
-    let attacker = vec!["198.18.0.99".to_string()];
-    add_sources(&pair.b.ns, &attacker);
+    add_sources(&pair.b.ns, sources);
+    (pair, ctl)
+}
 
-    let before = measure(&mut pair, &ctl);
-    let flood = start_flood(&pair.b.ns, &pair, &attacker, 64);
+/// Floods a from `sources` (`ports` sockets each) for [`FLOOD_SECONDS`];
+/// two seconds in, b re-handshakes (within `handshake_within`), then moves
+/// 20 MB each way through the tunnel. Returns the state before and the
+/// datagrams sent.
+fn flood_with_traffic(
+    pair: &mut Pair,
+    ctl: &Vpcgate,
+    sources: &[String],
+    ports: u32,
+    handshake_within: Duration,
+) -> (Before, u64) {
+    let before = measure(pair, ctl);
+    let flood = start_flood(&pair.b.ns, pair, sources, ports);
     thread::sleep(Duration::from_secs(2));
-    // One address is held to its own share, so the device never comes
-    // under load: a peer elsewhere handshakes at once, no cookie round.
-    let took = fresh_handshake(&pair, Duration::from_secs(5));
+    let took = fresh_handshake(pair, handshake_within);
     eprintln!("flood: the legitimate handshake took {took:?}");
     let (a, b) = (&pair.a, &pair.b);
     tcp_transfer(&a.ns, &b.ns, IpAddr::V4(a.tunnel4), 5201, 20 * MB)
         .or_die("20 MB each way during the flood, verified");
-    let sent = flood.join().expect("flood thread");
+    (before, flood.join().expect("flood thread"))
+}
+
+#[test]
+fn flood_from_one_address_many_ports() {
+    let attacker = vec!["198.18.0.99".to_string()];
+    let (mut pair, ctl) = flood_pair(&attacker);
+    // One address is held to its own share, so the device never comes
+    // under load: a peer elsewhere handshakes at once, no cookie round.
+    let (before, sent) = flood_with_traffic(&mut pair, &ctl, &attacker, 64, Duration::from_secs(5));
 
     let added = check_after(&mut pair, &ctl, &before, sent);
     assert!(
@@ -215,13 +215,8 @@ fn flood_from_one_address_many_ports() {
 
 #[test]
 fn flood_from_many_addresses_gets_cookies() {
-    require_root();
-    let mut pair = Pair::new(PairSpec::new(Impl::Vpcgated, Impl::WireguardGo))
-        .or_die("vpcgated and wireguard-go");
-    wait_for_ping(&pair.b.ns, &pair.a.t4(), &[], Duration::from_secs(20)).or_die("first ping");
-    let ctl = Vpcgate::for_dev(&pair.a.dev).or_die("CLI for a");
     let attackers: Vec<String> = (100..164).map(|i| format!("198.18.0.{i}")).collect();
-    add_sources(&pair.b.ns, &attackers);
+    let (mut pair, ctl) = flood_pair(&attackers);
     // Cookie replies (UDP payload 64 bytes) from a to the attackers.
     let rules = format!(
         "table inet vge2e_cookies {{\n\
@@ -237,17 +232,10 @@ fn flood_from_many_addresses_gets_cookies() {
         .exec_stdin(&["nft", "-f", "-"], rules.as_bytes())
         .or_die("cookie counter");
 
-    let before = measure(&mut pair, &ctl);
-    let flood = start_flood(&pair.b.ns, &pair, &attackers, 2);
-    thread::sleep(Duration::from_secs(2));
     // Under load every initiator must first prove its address; a stock
     // peer retries with the cookie after its 5-second rekey timeout.
-    let took = fresh_handshake(&pair, Duration::from_secs(12));
-    eprintln!("flood: the legitimate handshake took {took:?}");
-    let (a, b) = (&pair.a, &pair.b);
-    tcp_transfer(&a.ns, &b.ns, IpAddr::V4(a.tunnel4), 5201, 20 * MB)
-        .or_die("20 MB each way during the flood, verified");
-    let sent = flood.join().expect("flood thread");
+    let (before, sent) =
+        flood_with_traffic(&mut pair, &ctl, &attackers, 2, Duration::from_secs(12));
 
     let added = check_after(&mut pair, &ctl, &before, sent);
     // Past the device's threshold, initiations without a cookie get a

@@ -15,44 +15,9 @@ use std::process::Output;
 use std::time::Duration;
 
 use vpcgate_e2e::{
-    gen_keypair, require_root, wait_for_ping, wait_until, Netns, OrDie, Pair, PairSpec, Status,
-    Vpcgate, VpcgatedConfig, WgDev,
+    gen_keypair, require_root, seed, wait_for_ping, wait_until, Netns, OrDie, Pair, PairSpec, Rng,
+    Status, Vpcgate, VpcgatedConfig, WgDev,
 };
-
-/// splitmix64, for reproducible junk.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        (0..len).map(|_| self.next() as u8).collect()
-    }
-}
-
-fn seed() -> u64 {
-    let seed = std::env::var("VPCGATE_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        });
-    eprintln!("seed: {seed} (replay with VPCGATE_SEED={seed})");
-    seed
-}
 
 /// A gateway with some state: a public endpoint, advertised ranges, a
 /// generated client and a peer with its own key.
@@ -760,7 +725,7 @@ fn cli_refuses_hostile_arguments_and_changes_nothing() {
     );
 
     // Hostile stdin for the commands that read it.
-    let mut rng = Rng(seed());
+    let mut rng = Rng(seed(""));
     let garbage = rng.bytes(10 << 20);
     for (what, args, stdin, expected) in [
         (
@@ -896,7 +861,7 @@ fn socket_garbage_and_floods_leave_both_sockets_serving() {
         uapi_replies(&mut s, 1)
     };
     let fds_before = open_fds(pid);
-    let mut rng = Rng(seed());
+    let mut rng = Rng(seed(""));
     const MB100: usize = 100 << 20;
 
     // 100 MB on the control socket behind a length no frame may have: the
@@ -1144,7 +1109,7 @@ fn malformed_datagrams_are_counted_and_a_live_session_is_undisturbed() {
     assert_ne!(session.latest_handshake, 0);
     let start = drops(&ctl.status().or_die("status"));
 
-    let mut rng = Rng(seed());
+    let mut rng = Rng(seed(""));
     let list = datagrams(&mut rng);
     let want = |e: Expect| list.iter().filter(|(_, x)| *x == e).count() as u64;
     let expected = (
@@ -1241,7 +1206,7 @@ fn status_and_peer_list_work_for_thousands_of_peers() {
     // More peers than fit a 1 MiB reply, in one UAPI request as `wg
     // setconf` would send them.
     const PEERS: u32 = 6000;
-    let mut rng = Rng(seed());
+    let mut rng = Rng(seed(""));
     let mut request = String::from("set=1\n");
     for i in 0..PEERS {
         let key: String = rng.bytes(32).iter().map(|b| format!("{b:02x}")).collect();

@@ -7,22 +7,11 @@ use std::fs;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use vpcgate_e2e::{require_root, wait_for_ping, Impl, Pair, PairSpec, Vpcgate};
+use vpcgate_e2e::{require_root, wait_for_ping, Impl, OrDie, Pair, PairSpec, Vpcgate};
 
 const SOAK: Duration = Duration::from_secs(120);
 const PEERS: usize = 1000;
 const MIB: u64 = 1024 * 1024;
-
-/// The daemon's resident set, from /proc.
-fn rss(pid: i32) -> u64 {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc status");
-    kib * 1024
-}
 
 #[test]
 fn thousand_peers_full_load_and_route_churn() {
@@ -57,7 +46,6 @@ fn thousand_peers_full_load_and_route_churn() {
     assert_eq!(listed, PEERS, "the gateway should list {PEERS} peers");
 
     let ctl = Vpcgate::for_dev(&pair.a.dev).expect("vpcgate CLI for a");
-    let pid = pair.a.dev.process().pid();
 
     // Full load: one TCP stream from the client (b) into the gateway (a)
     // for the whole soak.
@@ -92,7 +80,7 @@ fn thousand_peers_full_load_and_route_churn() {
         ctl.advertise(&routes)
             .unwrap_or_else(|e| panic!("route change {changes} was refused: {e:#}"));
         changes += 1;
-        samples.push((start.elapsed(), rss(pid)));
+        samples.push((start.elapsed(), pair.a.dev.process().rss().or_die("RSS")));
         // On one-second ticks, however long the change took.
         let next = Duration::from_secs(u64::from(changes));
         thread::sleep(next.saturating_sub(start.elapsed()));
