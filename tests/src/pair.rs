@@ -199,4 +199,10 @@ impl Pair {
         }
         Ok(Pair { a, b })
     }
+
+    /// Fails with the log of whichever side has exited.
+    pub fn check_running(&mut self) -> Result<()> {
+        self.a.dev.check_running().context("node a")?;
+        self.b.dev.check_running().context("node b")
+    }
 }

@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use vpcgate_e2e::{ping, require_root, tcp_transfer, wait_for_ping, Impl, Pair, PairSpec};
+use vpcgate_e2e::{ping, require_root, tcp_transfer, wait_for_ping, Impl, OrDie, Pair, PairSpec};
 
 const MB: u64 = 1024 * 1024;
 
@@ -35,14 +35,7 @@ fn ipv4_ping_and_100mb_each_way() {
             )
             .unwrap_or_else(|e| panic!("{}: {e:#}", this.dev.name()));
     }
-    pair.a
-        .dev
-        .check_running()
-        .expect("vpcgated a still running");
-    pair.b
-        .dev
-        .check_running()
-        .expect("vpcgated b still running");
+    pair.check_running().or_die("both vpcgated still running");
 }
 
 #[test]
@@ -76,14 +69,7 @@ fn ipv6_inner_over_ipv6_underlay() {
     let a6 = a.tunnel6.expect("pair has inner IPv6");
     tcp_transfer(&a.ns, &b.ns, IpAddr::V6(a6), 5201, 10 * MB)
         .expect("10 MB each way over inner IPv6, verified byte for byte");
-    pair.a
-        .dev
-        .check_running()
-        .expect("vpcgated a still running");
-    pair.b
-        .dev
-        .check_running()
-        .expect("vpcgated b still running");
+    pair.check_running().or_die("both vpcgated still running");
 }
 
 /// Each kernel offload falls back on its own. Side a runs with none of them
@@ -119,12 +105,5 @@ fn without_kernel_offloads() {
         offloading.contains("GRO on"),
         "side b should receive with GRO; its log:\n{offloading}"
     );
-    pair.a
-        .dev
-        .check_running()
-        .expect("vpcgated a still running");
-    pair.b
-        .dev
-        .check_running()
-        .expect("vpcgated b still running");
+    pair.check_running().or_die("both vpcgated still running");
 }

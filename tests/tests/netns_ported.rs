@@ -136,11 +136,7 @@ fn pair(other: Impl, adjust: impl FnOnce(&mut PairSpec)) -> Pair {
 
 /// Fails if either daemon of the pair has exited.
 fn check_alive(pair: &mut Pair) {
-    pair.a
-        .dev
-        .check_running()
-        .or_die("vpcgated (a) still running");
-    pair.b.dev.check_running().or_die("node b still running");
+    pair.check_running().or_die("both nodes still running");
 }
 
 fn first_ping(from: &Node, dst: &str, what: &str) {
