@@ -24,7 +24,7 @@
 //! fixed ceiling whatever the load.
 
 use std::io::{self, IoSliceMut};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
@@ -42,7 +42,7 @@ use quinn_udp::{RecvMeta, UdpSocketState};
 use tun_rs::{GROTable, SyncDevice, VIRTIO_NET_HDR_LEN};
 
 use crate::core::{
-    Change, DropCounters, DropReason, Event, Node, SharedRoutes, Transmit, BUF_SIZE,
+    Change, DropCounters, DropReason, Endpoint, Event, Node, SharedRoutes, Transmit, BUF_SIZE,
 };
 
 /// Output buffers for one TUN read: a 64 KiB super-packet split at the
@@ -113,6 +113,8 @@ impl Default for Offload {
 pub struct Socket {
     socket: UdpSocket,
     state: UdpSocketState,
+    v6: bool,
+    offload: Offload,
     gso: bool,
     gro: bool,
 }
@@ -120,37 +122,66 @@ pub struct Socket {
 impl Socket {
     fn new(fd: OwnedFd, v6: bool, offload: Offload) -> io::Result<Socket> {
         let socket = UdpSocket::from(fd);
-        let state = UdpSocketState::new((&socket).into())?;
+        let (state, gro) = Socket::configure(&socket, v6, offload)?;
+        Ok(Socket {
+            socket,
+            state,
+            v6,
+            offload,
+            gso: offload.gso,
+            gro,
+        })
+    }
+
+    /// Lets quinn-udp probe the kernel and set its options (GRO, and
+    /// `IP_PKTINFO`/`IPV6_RECVPKTINFO`, which tell us the address each
+    /// datagram was sent to), then overrides what a tunnel needs otherwise.
+    fn configure(
+        socket: &UdpSocket,
+        v6: bool,
+        offload: Offload,
+    ) -> io::Result<(UdpSocketState, bool)> {
+        let state = UdpSocketState::new(socket.into())?;
         let gro = offload.gro && state.gro_segments() > 1;
         if !gro {
             // quinn-udp turns GRO on where the kernel has it.
-            let _ = set_int(&socket, libc::SOL_UDP, libc::UDP_GRO, 0);
+            let _ = set_int(socket, libc::SOL_UDP, libc::UDP_GRO, 0);
         }
         // quinn-udp forbids fragmentation, as QUIC must. A tunnel should
         // not: like kernel WireGuard, let an outer packet that meets a
         // smaller path MTU be fragmented rather than dropped.
         if v6 {
-            set_int(&socket, libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, 0)?;
+            set_int(socket, libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, 0)?;
             set_int(
-                &socket,
+                socket,
                 libc::IPPROTO_IPV6,
                 libc::IPV6_MTU_DISCOVER,
                 libc::IPV6_PMTUDISC_DONT,
             )?;
         } else {
             set_int(
-                &socket,
+                socket,
                 libc::IPPROTO_IP,
                 libc::IP_MTU_DISCOVER,
                 libc::IP_PMTUDISC_DONT,
             )?;
         }
-        Ok(Socket {
-            socket,
-            state,
-            gso: offload.gso,
-            gro,
-        })
+        Ok((state, gro))
+    }
+
+    /// Forgets what quinn-udp concluded from a failed send. A send from a
+    /// local address that has gone fails with EINVAL, which quinn-udp also
+    /// takes as the device refusing GSO, and it would stop using GSO on this
+    /// socket for good. A device that really refuses GSO fails the next GSO
+    /// send again, and quinn-udp turns it off again.
+    fn reset_state(&mut self) {
+        match Socket::configure(&self.socket, self.v6, self.offload) {
+            Ok((state, gro)) => {
+                self.state = state;
+                self.gro = gro;
+            }
+            Err(e) => tracing::warn!("cannot reconfigure the UDP socket: {e}"),
+        }
     }
 
     /// Datagrams one send may carry: 1 without GSO. quinn-udp lowers its
@@ -166,13 +197,13 @@ impl Socket {
     /// Sends `contents`, cut into `segment`-byte datagrams if given. A full
     /// socket buffer is waited out briefly rather than dropping at once: TCP
     /// over the tunnel backs off far more on loss than on a short wait.
-    fn send(&self, to: SocketAddr, contents: &[u8], segment: Option<usize>) -> io::Result<()> {
+    fn send(&self, to: Endpoint, contents: &[u8], segment: Option<usize>) -> io::Result<()> {
         let transmit = quinn_udp::Transmit {
-            destination: to,
+            destination: to.remote,
             ecn: None,
             contents,
             segment_size: segment,
-            src_ip: None,
+            src_ip: to.local,
         };
         for _ in 0..2 {
             match self.state.try_send((&self.socket).into(), &transmit) {
@@ -237,6 +268,13 @@ impl UdpSockets {
         match to {
             SocketAddr::V4(_) => Some(&self.v4),
             SocketAddr::V6(_) => self.v6.as_ref(),
+        }
+    }
+
+    fn for_address_mut(&mut self, to: &SocketAddr) -> Option<&mut Socket> {
+        match to {
+            SocketAddr::V4(_) => Some(&mut self.v4),
+            SocketAddr::V6(_) => self.v6.as_mut(),
         }
     }
 
@@ -517,6 +555,9 @@ impl Worker {
                 &mut self.port,
             );
             self.port.flush_udp();
+            if let Some(local) = self.port.gone_local.take() {
+                self.node.apply(Change::LocalAddressGone(local));
+            }
             for event in self.node.drain_events() {
                 let _ = self.events.send(event);
             }
@@ -598,9 +639,13 @@ impl Worker {
                     meta.stride
                 };
                 let empty: &[&[u8]] = if data.is_empty() { &[&[]] } else { &[] };
+                let from = Endpoint {
+                    remote: meta.addr,
+                    local: meta.dst_ip.filter(can_send_from),
+                };
                 for datagram in data.chunks(stride.max(1)).chain(empty.iter().copied()) {
                     self.node.handle_datagram(
-                        meta.addr,
+                        from,
                         datagram,
                         &mut self.rx.scratch,
                         now,
@@ -648,6 +693,29 @@ impl Worker {
     }
 }
 
+/// Whether replies may leave from `local`, the address a datagram was sent
+/// to. Not from a multicast or broadcast address; and not from an IPv6
+/// link-local one, which would need the interface as well: the kernel's
+/// choice is right for those.
+fn can_send_from(local: &IpAddr) -> bool {
+    match local {
+        IpAddr::V4(v4) => !(v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast()),
+        IpAddr::V6(v6) => !(v6.is_unspecified() || v6.is_multicast() || v6.is_unicast_link_local()),
+    }
+}
+
+/// A send from a chosen local address failed in a way that says the address
+/// cannot be used (it is no longer the host's): the IPv4 route lookup
+/// answers ENETUNREACH for a source that is not local, IPv6's pktinfo check
+/// EINVAL, and EADDRNOTAVAIL comes from some other paths. Any of them may
+/// have another cause; retrying once without the source costs nothing then.
+fn source_unusable(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::EADDRNOTAVAIL | libc::ENETUNREACH)
+    )
+}
+
 fn is_transient(e: &io::Error) -> bool {
     matches!(
         e.kind(),
@@ -658,7 +726,7 @@ fn is_transient(e: &io::Error) -> bool {
 /// Consecutive datagrams to one endpoint, all `segment` bytes long but the
 /// last, which may be shorter: one GSO send.
 struct Run {
-    to: SocketAddr,
+    to: Endpoint,
     start: usize,
     bytes: usize,
     segment: usize,
@@ -683,6 +751,8 @@ struct Port {
     writes: Vec<Vec<u8>>,
     pending_writes: usize,
     gro: GROTable,
+    /// A local address a send could not use, for the core to forget.
+    gone_local: Option<IpAddr>,
 }
 
 impl Port {
@@ -699,6 +769,7 @@ impl Port {
                 .collect(),
             pending_writes: 0,
             gro: GROTable::default(),
+            gone_local: None,
         }
     }
 
@@ -708,26 +779,39 @@ impl Port {
             return;
         };
         let contents = &self.send[run.start..run.start + run.bytes];
-        let Some(socket) = self.sockets.for_address(&run.to) else {
+        let Some(socket) = self.sockets.for_address_mut(&run.to.remote) else {
             self.counters
                 .add_n(DropReason::SendFailed, run.count as u64);
             return;
         };
         let segment = (run.count > 1).then_some(run.segment);
-        let Err(e) = socket.send(run.to, contents, segment) else {
+        let mut to = run.to;
+        let mut result = socket.send(to, contents, segment);
+        if let (Err(e), Some(local)) = (&result, to.local) {
+            if source_unusable(e) {
+                // Our address the peer wrote to has gone: answer from
+                // whatever the kernel picks rather than not at all.
+                tracing::debug!(%local, peer = %to.remote, "cannot send from {local} ({e}); the kernel picks the source");
+                socket.reset_state();
+                self.gone_local = Some(local);
+                to.local = None;
+                result = socket.send(to, contents, segment);
+            }
+        }
+        let Err(e) = result else {
             return;
         };
         if segment.is_some() && e.kind() != io::ErrorKind::WouldBlock {
             // Some devices refuse GSO (EIO, EINVAL); quinn-udp turns it off
             // for the next send. This run goes one datagram at a time.
-            tracing::debug!("GSO send to {} failed: {e}; sending one by one", run.to);
+            tracing::debug!("GSO send to {} failed: {e}; sending one by one", to.remote);
             for datagram in contents.chunks(run.segment) {
-                if socket.send(run.to, datagram, None).is_err() {
+                if socket.send(to, datagram, None).is_err() {
                     self.counters.add_n(DropReason::SendFailed, 1);
                 }
             }
         } else {
-            tracing::trace!("send to {} failed: {e}", run.to);
+            tracing::trace!("send to {} failed: {e}", to.remote);
             self.counters
                 .add_n(DropReason::SendFailed, run.count as u64);
         }
@@ -762,8 +846,8 @@ impl Transmit for Port {
         &mut self.send[self.send_len..end]
     }
 
-    fn commit_udp(&mut self, to: SocketAddr, len: usize) -> bool {
-        let Some(socket) = self.sockets.for_address(&to) else {
+    fn commit_udp(&mut self, to: Endpoint, len: usize) -> bool {
+        let Some(socket) = self.sockets.for_address(&to.remote) else {
             return false;
         };
         let max_segments = socket.max_segments();

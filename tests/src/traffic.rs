@@ -291,6 +291,11 @@ pub struct PingStats {
 
 /// Runs `ping -n -c COUNT -W 1 -i 0.2 [EXTRA...] DST` in `ns` and parses the
 /// summary line. Works for IPv4 and IPv6 destinations.
+///
+/// iputils stops as soon as every request is answered. `-W 1` bounds only a
+/// run that got no reply at all: after the last request it waits 1 s. Once a
+/// reply has come, it waits twice the slowest round trip seen (at least the
+/// 0.2 s interval), so the wait for stragglers grows with a slow machine.
 pub fn ping_stats(ns: &Netns, dst: &str, count: u32, extra: &[&str]) -> Result<PingStats> {
     let count_s = count.to_string();
     let mut argv = vec!["ping", "-n", "-c", &count_s, "-W", "1", "-i", "0.2"];

@@ -11,7 +11,7 @@ use std::thread;
 use std::time::Duration;
 
 use vpcgate_e2e::{
-    gen_keypair, ping_stats, require_root, wait_for_ping, Impl, Node, Pair, PairSpec,
+    gen_keypair, ping_stats, require_root, wait_for_ping, wait_until, Impl, Node, Pair, PairSpec,
     TUNNEL_PREFIX4,
 };
 
@@ -37,22 +37,28 @@ fn probe(gw: &Node, a: &Node, src: Option<&str>) -> Probe {
         .expect("A lists vpcgated")
         .tx_bytes;
     let stats = ping_stats(&a.ns, &gw.t4(), PINGS, &extra).expect("ping runs");
-    // Let anything still in flight land before reading the counter.
+    assert_eq!(stats.transmitted, PINGS);
+    let (mut a1, mut sent1) = (a0, sent0);
+    wait_until(
+        Duration::from_secs(10),
+        "A to encrypt and send the pings",
+        || {
+            a1 = a.dev.stats()?;
+            sent1 = a.dev.peer(&gw.public_key)?.tx_bytes;
+            Ok(a1.tx_packets >= a0.tx_packets + u64::from(PINGS) && sent1 > sent0)
+        },
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "A did not send the pings into the tunnel (tun tx {} -> {}, peer tx bytes \
+             {sent0} -> {sent1}): {e:#}",
+            a0.tx_packets, a1.tx_packets
+        )
+    });
+    // A packet that got through would reach the TUN right after decryption;
+    // this window comes on top of ping's own 1 s wait for a reply.
     thread::sleep(Duration::from_millis(300));
     let tun1 = gw.dev.stats().expect("vpcgated TUN counters");
-    let a1 = a.dev.stats().expect("A's counters");
-    let sent1 = a
-        .dev
-        .peer(&gw.public_key)
-        .expect("A lists vpcgated")
-        .tx_bytes;
-    assert_eq!(stats.transmitted, PINGS);
-    assert!(
-        a1.tx_packets >= a0.tx_packets + u64::from(PINGS) && sent1 > sent0,
-        "A did not send the pings into the tunnel (tun tx {} -> {}, peer tx bytes {sent0} -> {sent1})",
-        a0.tx_packets,
-        a1.tx_packets
-    );
     Probe {
         received: stats.received,
         tun_rx: tun1.rx_packets - tun0.rx_packets,

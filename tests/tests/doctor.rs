@@ -90,11 +90,14 @@ impl Gw {
             .into_owned()
     }
 
+    /// Runs the CLI, killed after 60 s (`timeout` then exits 124): a doctor
+    /// that hangs on a silent endpoint fails instead of hanging the suite,
+    /// and no run takes more than a few seconds.
     fn vpcgate(&self, args: &[&str]) -> Output {
         let bin = vpcgate_bin().expect("vpcgate binary");
         let bin = bin.to_string_lossy().into_owned();
         let socket = self.socket();
-        let mut argv = vec![bin.as_str(), "--socket", socket.as_str()];
+        let mut argv = vec!["timeout", "60", bin.as_str(), "--socket", socket.as_str()];
         argv.extend_from_slice(args);
         self.ns.exec_raw(&argv).expect("run vpcgate")
     }
@@ -128,7 +131,8 @@ impl Gw {
         ]);
         let checks: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
             panic!(
-                "doctor printed no JSON list ({e}): stdout {:?} stderr {:?}",
+                "doctor printed no JSON list ({e}, {}): stdout {:?} stderr {:?}",
+                out.status,
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
             )
@@ -758,6 +762,9 @@ fn cloud_forwarding_switch_per_provider() {
     for endpoint in ["http://127.0.0.1:1".to_string(), hang.url()] {
         let started = Instant::now();
         let (ok, checks) = gw.doctor(&dmi, &endpoint);
+        // Doctor gives the metadata service 5 s in all (2 s a request); its
+        // other checks take a fraction of a second here, so 10 s holds on a
+        // much slower machine. Without a limit it would run into `timeout`.
         assert!(
             started.elapsed() < Duration::from_secs(10),
             "{endpoint}: {:?}",

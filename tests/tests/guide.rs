@@ -253,6 +253,15 @@ fn route_changes() {
         .or_die("VPC session across the withdrawal");
     // Without SNAT for the withdrawn range the database could not answer
     // anyway, so count what reaches it: nothing may.
+    let not_advertised = || {
+        g.gateway
+            .ctl
+            .status()
+            .or_die("gateway status")
+            .dropped("not_advertised")
+            .unwrap_or_else(|| panic!("gateway status lists no not_advertised counter"))
+    };
+    let refused_before = not_advertised();
     let arrived_before = g.net.db_arrivals().or_die("db arrival counter");
     assert!(
         !ping(&phone, &db, 3),
@@ -273,6 +282,14 @@ fn route_changes() {
         arrived, 0,
         "{arrived} packets from the tunnel reached the database while its range was \
          withdrawn: the gateway must not forward to a withdrawn range"
+    );
+    // Not because they never got there: the gateway refused the stock
+    // client's pings.
+    let refused = not_advertised() - refused_before;
+    assert!(
+        refused >= 3,
+        "the gateway refused {refused} packets while the stock client sent 3 pings \
+         and a TCP probe into the withdrawn range"
     );
     echo.wait_more_rounds(5, Duration::from_secs(10))
         .or_die("VPC session while the peered range is withdrawn");

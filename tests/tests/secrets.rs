@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use vpcgate_e2e::{
-    gen_keypair, http_get, key_hex, require_root, veth, wait_for_ping, Netns, OrDie, Vpcgate,
-    VpcgatedConfig, WgDev,
+    gen_keypair, http_get, key_hex, require_root, veth, wait_for_ping, wait_until, Netns, OrDie,
+    Vpcgate, VpcgatedConfig, WgDev,
 };
 
 /// A window this long of a key's text is treated as a leak: 16 base64
@@ -167,8 +167,15 @@ fn no_key_reaches_the_log_status_or_metrics() {
         "wg sees the preshared key over the UAPI"
     );
 
-    // A reload and a peer removal log too.
+    // A reload and a peer removal log too. The reload is waited for, so that
+    // the log checked at the end covers it however slow the machine.
     gw.process().signal(Signal::SIGHUP).or_die("SIGHUP");
+    let log_path = gw.process().log_path().to_path_buf();
+    wait_until(Duration::from_secs(10), "the reload to be logged", || {
+        let log = std::fs::read_to_string(&log_path)?;
+        Ok(log.contains("reloaded settings and peers") || log.contains("reload failed"))
+    })
+    .or_die("reload");
     ctl.run(&[
         "peer",
         "add",

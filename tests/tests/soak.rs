@@ -7,7 +7,7 @@ use std::fs;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use vpcgate_e2e::{require_root, wait_for_ping, Impl, OrDie, Pair, PairSpec, Vpcgate};
+use vpcgate_e2e::{require_root, wait_for_ping, wait_until, Impl, OrDie, Pair, PairSpec, Vpcgate};
 
 const SOAK: Duration = Duration::from_secs(120);
 const PEERS: usize = 1000;
@@ -49,7 +49,7 @@ fn thousand_peers_full_load_and_route_churn() {
 
     // Full load: one TCP stream from the client (b) into the gateway (a)
     // for the whole soak.
-    let server = pair
+    let mut server = pair
         .a
         .ns
         .spawn(
@@ -58,7 +58,12 @@ fn thousand_peers_full_load_and_route_churn() {
             &[],
         )
         .expect("start iperf3 server");
-    thread::sleep(Duration::from_millis(500));
+    wait_until(Duration::from_secs(10), "iperf3 to listen on :5301", || {
+        server.check_running()?;
+        let listening = pair.a.ns.exec(&["ss", "-Htln", "sport = :5301"])?;
+        Ok(!listening.trim().is_empty())
+    })
+    .or_die("iperf3 server");
     let client_ns = pair.b.ns.clone();
     let target = pair.a.t4();
     let secs = SOAK.as_secs().to_string();

@@ -19,7 +19,7 @@ pub mod routes_msg;
 pub mod table;
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -80,6 +80,25 @@ const MIN_UDP_SLOT: usize = 148;
 /// Data messages add a 16-byte header and a 16-byte tag.
 const DATA_OVERHEAD: usize = 32;
 
+/// Where a peer is reached: its address, and the one of ours it last wrote
+/// to. Replies leave from that local address, so a peer that picked one of
+/// several addresses of ours never sees our end of the tunnel move. `None`
+/// leaves the choice to the kernel, as for an endpoint set by configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoint {
+    pub remote: SocketAddr,
+    pub local: Option<IpAddr>,
+}
+
+impl From<SocketAddr> for Endpoint {
+    fn from(remote: SocketAddr) -> Self {
+        Endpoint {
+            remote,
+            local: None,
+        }
+    }
+}
+
 /// Where the core sends what it produces.
 ///
 /// Packets are encrypted and decrypted straight into the sink's buffers:
@@ -90,8 +109,9 @@ pub trait Transmit {
     /// Room for the next outgoing datagram, at least `len` bytes long.
     fn udp_slot(&mut self, len: usize) -> &mut [u8];
     /// Sends the first `len` bytes of the last slot to `to`, now or in a
-    /// batch. Returns false if no socket can reach `to`.
-    fn commit_udp(&mut self, to: SocketAddr, len: usize) -> bool;
+    /// batch, from `to.local` if it is set. Returns false if no socket can
+    /// reach `to`.
+    fn commit_udp(&mut self, to: Endpoint, len: usize) -> bool;
     /// Room for the next packet to the TUN, at least `len` bytes long.
     /// Asking again before committing returns the same bytes.
     fn tun_slot(&mut self, len: usize) -> &mut [u8];
@@ -100,7 +120,7 @@ pub trait Transmit {
 
     /// Sends a copy of `datagram`: for handshake messages, cookies and
     /// keepalives, which are built elsewhere.
-    fn send_udp(&mut self, to: SocketAddr, datagram: &[u8]) -> bool {
+    fn send_udp(&mut self, to: Endpoint, datagram: &[u8]) -> bool {
         let len = datagram.len();
         match self.udp_slot(len).get_mut(..len) {
             Some(slot) => slot.copy_from_slice(datagram),
@@ -279,6 +299,9 @@ pub enum Change {
     UpsertPeer(PeerSpec),
     RemovePeer(PeerHandle),
     SetEndpoint(PeerHandle, SocketAddr),
+    /// This local address can no longer send (it was removed): peers whose
+    /// replies left from it fall back to the kernel's choice.
+    LocalAddressGone(IpAddr),
     SetKeepalive(PeerHandle, u16),
     SetRouteSource(PeerHandle, Option<Ipv4Addr>),
     /// Our own tunnel IPv4 address: the source of route messages, and where
@@ -303,7 +326,7 @@ struct Peer {
     /// None while we have no private key, or when the peer's key is of low
     /// order: such a peer must never cause a datagram.
     tunn: Option<Tunn>,
-    endpoint: Option<SocketAddr>,
+    endpoint: Option<Endpoint>,
     persistent_keepalive: u16,
     last_sent: Option<Instant>,
     session_established: Option<Instant>,
@@ -434,8 +457,17 @@ impl Node {
             }
             Change::SetEndpoint(handle, endpoint) => {
                 if let Some(peer) = self.peer_mut(handle) {
-                    peer.endpoint = Some(endpoint);
+                    peer.endpoint = Some(endpoint.into());
                     peer.stats.set_endpoint(Some(endpoint));
+                }
+            }
+            Change::LocalAddressGone(address) => {
+                for peer in self.peers.iter_mut().flatten() {
+                    if let Some(endpoint) = peer.endpoint.as_mut() {
+                        if endpoint.local == Some(address) {
+                            endpoint.local = None;
+                        }
+                    }
                 }
             }
             Change::SetKeepalive(handle, secs) => {
@@ -499,7 +531,7 @@ impl Node {
             public_key: spec.public_key,
             preshared_key: spec.preshared_key,
             tunn: None,
-            endpoint: spec.endpoint,
+            endpoint: spec.endpoint.map(Endpoint::from),
             persistent_keepalive: spec.persistent_keepalive,
             last_sent: None,
             session_established: None,
@@ -547,7 +579,9 @@ impl Node {
             self.counters.add(DropReason::NoRoute);
             return;
         };
-        if udp_port.is_some_and(|port| peer.endpoint == Some(SocketAddr::new(destination, port))) {
+        if udp_port.is_some_and(|port| {
+            peer.endpoint.map(|e| e.remote) == Some(SocketAddr::new(destination, port))
+        }) {
             self.counters.add(DropReason::RoutingLoop);
             return;
         }
@@ -557,10 +591,11 @@ impl Node {
         peer.encrypt(&buf[..padded], now, &self.counters, tx);
     }
 
-    /// One datagram received on the listen port.
+    /// One datagram received on the listen port: `from.remote` sent it to
+    /// our address `from.local` (when the socket could tell).
     pub fn handle_datagram(
         &mut self,
-        from: SocketAddr,
+        from: Endpoint,
         datagram: &[u8],
         buf: &mut [u8],
         now: Instant,
@@ -573,27 +608,28 @@ impl Node {
                 let Some(identity) = self.identity.as_ref() else {
                     return counters.add(DropReason::UnknownPeer);
                 };
-                if !self.sources.allow(from.ip(), now) {
+                if !self.sources.allow(from.remote.ip(), now) {
                     return counters.add(DropReason::RateLimited);
                 }
                 // mac1 (and, under load, the cookie) is checked before the
                 // Diffie-Hellman that identifies the sender.
-                let init = match identity
-                    .limiter
-                    .verify_packet(Some(from.ip()), datagram, buf)
-                {
-                    Ok(Packet::HandshakeInit(init)) => init,
-                    Ok(_) => return counters.add(DropReason::Malformed),
-                    Err(TunnResult::WriteToNetwork(cookie)) => {
-                        if !tx.send_udp(from, cookie) {
-                            counters.add(DropReason::SendFailed);
+                let init =
+                    match identity
+                        .limiter
+                        .verify_packet(Some(from.remote.ip()), datagram, buf)
+                    {
+                        Ok(Packet::HandshakeInit(init)) => init,
+                        Ok(_) => return counters.add(DropReason::Malformed),
+                        Err(TunnResult::WriteToNetwork(cookie)) => {
+                            if !tx.send_udp(from, cookie) {
+                                counters.add(DropReason::SendFailed);
+                            }
+                            return;
                         }
-                        return;
-                    }
-                    // A bad mac1: not meant for us, and checked without
-                    // any Diffie-Hellman.
-                    Err(_) => return counters.add(DropReason::Malformed),
-                };
+                        // A bad mac1: not meant for us, and checked without
+                        // any Diffie-Hellman.
+                        Err(_) => return counters.add(DropReason::Malformed),
+                    };
                 let Ok(half) = parse_handshake_anon(&identity.secret, &identity.public, &init)
                 else {
                     return counters.add(DropReason::HandshakeFailed);
@@ -620,7 +656,7 @@ impl Node {
         // messages into the scratch buffer.
         let outcome = if is_data {
             let slot = tx.tun_slot(datagram.len());
-            match tunn.decapsulate(Some(from.ip()), datagram, slot) {
+            match tunn.decapsulate(Some(from.remote.ip()), datagram, slot) {
                 TunnResult::WriteToNetwork(reply) => match buf.get_mut(..reply.len()) {
                     Some(copy) => {
                         copy.copy_from_slice(reply);
@@ -631,7 +667,7 @@ impl Node {
                 other => Decrypted::from(other),
             }
         } else {
-            Decrypted::from(tunn.decapsulate(Some(from.ip()), datagram, buf))
+            Decrypted::from(tunn.decapsulate(Some(from.remote.ip()), datagram, buf))
         };
         let is_v4 = matches!(outcome, Decrypted::V4(..));
         let is_packet = is_v4 || matches!(outcome, Decrypted::V6(..));
@@ -720,9 +756,16 @@ impl Node {
         if !is_cookie {
             peer.stats.add_rx(datagram.len());
             if peer.endpoint != Some(from) {
+                if peer.endpoint.map(|e| e.remote) != Some(from.remote) {
+                    peer.stats.set_endpoint(Some(from.remote));
+                }
                 peer.endpoint = Some(from);
-                peer.stats.set_endpoint(Some(from));
-                tracing::debug!(peer = %short_key(&peer.public_key), endpoint = %from, "peer endpoint changed");
+                tracing::debug!(
+                    peer = %short_key(&peer.public_key),
+                    endpoint = %from.remote,
+                    local = ?from.local,
+                    "peer endpoint changed"
+                );
             }
             // A responder's session starts with the first data message, so
             // data is watched too until the first session exists.

@@ -7,6 +7,8 @@ use boringtun::x25519::StaticSecret;
 #[derive(Default)]
 struct Wire {
     sent: Vec<(SocketAddr, Vec<u8>)>,
+    /// The local address each datagram in `sent` asked to leave from.
+    sent_from: Vec<Option<IpAddr>>,
     tun: Vec<Vec<u8>>,
     udp_slot: Vec<u8>,
     tun_slot: Vec<u8>,
@@ -17,8 +19,9 @@ impl Transmit for Wire {
         self.udp_slot.resize(len, 0);
         &mut self.udp_slot
     }
-    fn commit_udp(&mut self, to: SocketAddr, len: usize) -> bool {
-        self.sent.push((to, self.udp_slot[..len].to_vec()));
+    fn commit_udp(&mut self, to: Endpoint, len: usize) -> bool {
+        self.sent.push((to.remote, self.udp_slot[..len].to_vec()));
+        self.sent_from.push(to.local);
         true
     }
     fn tun_slot(&mut self, len: usize) -> &mut [u8] {
@@ -119,7 +122,7 @@ impl Host {
 
     fn receive(&mut self, from: SocketAddr, datagram: &[u8]) {
         self.node.handle_datagram(
-            from,
+            from.into(),
             datagram,
             &mut self.buf,
             Instant::now(),
@@ -262,6 +265,48 @@ fn endpoint_follows_the_newest_authenticated_source() {
     forged.extend_from_slice(&[0u8; 60]);
     b.receive("198.18.9.9:1".parse().expect("addr"), &forged);
     assert_eq!(stats.endpoint(), Some(a.addr));
+}
+
+#[test]
+fn replies_leave_from_the_local_address_the_peer_wrote_to() {
+    let (mut a, mut b) = pair();
+    let (first, second): (IpAddr, IpAddr) = (
+        "198.18.0.1".parse().expect("ip"),
+        "198.18.0.11".parse().expect("ip"),
+    );
+    fn deliver_to_b(a: &mut Host, b: &mut Host, local: IpAddr) {
+        for (_, datagram) in a.wire.sent.drain(..) {
+            let from = Endpoint {
+                remote: a.addr,
+                local: Some(local),
+            };
+            b.node
+                .handle_datagram(from, &datagram, &mut b.buf, Instant::now(), &mut b.wire);
+        }
+    }
+    // a's initiation arrives at b's first address; the response leaves
+    // from it.
+    a.send_ip(&ipv4("100.64.0.2", "100.64.0.1", b"1"));
+    deliver_to_b(&mut a, &mut b, first);
+    assert_eq!(b.wire.sent_from, vec![Some(first)]);
+    let (to, response) = b.wire.sent.remove(0);
+    b.wire.sent_from.clear();
+    assert_eq!(to, a.addr);
+    a.receive(b.addr, &response);
+    deliver_to_b(&mut a, &mut b, first);
+    assert_eq!(b.wire.tun.len(), 1, "the queued packet arrived");
+
+    // a now writes to b's second address: b's data follows.
+    a.send_ip(&ipv4("100.64.0.2", "100.64.0.1", b"2"));
+    deliver_to_b(&mut a, &mut b, second);
+    b.send_ip(&ipv4("100.64.0.1", "100.64.0.2", b"3"));
+    assert_eq!(b.wire.sent_from, vec![Some(second)]);
+
+    // The second address is removed: the kernel chooses again.
+    b.node.apply(Change::LocalAddressGone(second));
+    b.send_ip(&ipv4("100.64.0.1", "100.64.0.2", b"4"));
+    assert_eq!(b.wire.sent_from, vec![Some(second), None]);
+    assert_eq!(b.wire.sent.len(), 2, "nothing was dropped");
 }
 
 #[test]
