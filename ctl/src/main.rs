@@ -230,8 +230,12 @@ fn print_status(status: &Status) {
         println!("  accepted routes: {}", status.accepted_routes.join(", "));
     }
     let onoff = |b: bool| if b { "on" } else { "off" };
+    let form = match &status.snat_form {
+        Some(form) => format!(" ({form} nftables)"),
+        None => String::new(),
+    };
     println!(
-        "  snat: {}, mss clamp: {}",
+        "  snat: {}{form}, mss clamp: {}",
         onoff(status.snat),
         onoff(status.mss_clamp)
     );

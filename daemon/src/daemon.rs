@@ -29,8 +29,8 @@ use crate::core::mss::mss_for_mtu;
 use crate::core::{
     Change, DropCounters, DropReason, Event, PeerHandle, RouteTable, Routes, SharedRoutes,
 };
-use crate::dataplane::{create_tun, Command, Dataplane, Offload, UdpSockets};
-use crate::nat::{Nat, NatState, NftNat};
+use crate::dataplane::{create_tun, Command, Dataplane, Offload, Stopped, UdpSockets};
+use crate::nat::{Nat, NatForm, NatState, NftNat};
 use crate::netlink::Netlink;
 use crate::state::{Settings, StateDir, StoredPeer};
 use crate::subnet::{self, ClientConfig, LearnPolicy};
@@ -55,12 +55,37 @@ pub struct Options {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// Kernel offloads the data path may use.
     pub offload: Offload,
+    /// A plain WireGuard interface, as wg-quick starts one (`vpcgated
+    /// IFNAME`): no default tunnel address, no key until `wg` sets one, and
+    /// a listen port the kernel picks until `wg` sets one.
+    pub plain: bool,
+    /// Force the SNAT table's nftables form; `None` detects it.
+    pub nat_form: Option<NatForm>,
+}
+
+/// What the TUN device carries right now, as the kernel reports it: the
+/// addresses wg-quick or ip(8) gave it as well as ours, and its MTU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct LinkState {
+    /// The networks of the device's addresses (link-local ones aside).
+    networks: Vec<IpNet>,
+    mtu: u32,
+}
+
+/// How the control plane reaches the TUN through netlink: its namespace's
+/// connection and the device's index there. Both change if the device is
+/// moved to another namespace.
+#[derive(Clone)]
+struct Link {
+    netlink: Netlink,
+    index: u32,
 }
 
 /// Everything a change may touch, behind one lock.
 struct Inner {
     config: DeviceConfig,
     settings: Settings,
+    link: LinkState,
     nat: Box<dyn Nat>,
     /// Set when nftables refused our table; shown in status.
     nat_error: Option<String>,
@@ -68,8 +93,10 @@ struct Inner {
 
 pub struct Daemon {
     interface: String,
-    tun_index: u32,
-    netlink: Netlink,
+    link: std::sync::Mutex<Link>,
+    /// A second descriptor of the TUN, for asking the kernel which network
+    /// namespace the device is in (the data path owns the first).
+    tun: std::os::fd::OwnedFd,
     inner: Mutex<Inner>,
     state: StateDir,
     dataplane: Dataplane,
@@ -118,19 +145,24 @@ fn local_v4(settings: &Settings) -> Option<Ipv4Addr> {
     })
 }
 
-/// The forwarding scope: packets from peers may go only here.
-fn forward_table(settings: &Settings) -> RouteTable<()> {
+/// The forwarding scope: packets from peers may go only here. That is the
+/// networks of our tunnel addresses (`--address`, and whatever else the
+/// device carries, as wg-quick and ip(8) add them) and the advertised
+/// ranges.
+fn forward_table(settings: &Settings, link: &LinkState) -> RouteTable<()> {
     RouteTable::build(
         tunnel_networks(settings)
             .into_iter()
+            .chain(link.networks.iter().copied())
             .chain(settings.advertised_routes.iter().copied())
             .map(|net| (net, ())),
     )
 }
 
-fn mss_change(settings: &Settings) -> Change {
+/// The MSS clamp for the device's MTU as it is, which ip(8) may have set.
+fn mss_change(settings: &Settings, mtu: u32) -> Change {
     if settings.mss_clamp {
-        let (v4, v6) = mss_for_mtu(u16::try_from(settings.mtu).unwrap_or(u16::MAX));
+        let (v4, v6) = mss_for_mtu(u16::try_from(mtu).unwrap_or(u16::MAX));
         Change::SetMssClamp(v4, v6)
     } else {
         Change::SetMssClamp(0, 0)
@@ -254,6 +286,93 @@ fn forwarding_warnings(settings: &Settings) -> Vec<String> {
 }
 
 impl Daemon {
+    fn link(&self) -> Link {
+        self.link.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Reads the TUN's addresses and MTU and applies what changed: the
+    /// forwarding scope, the data path's buffers and the MSS clamp. Returns
+    /// false if the device is not in the namespace we look at (moved away,
+    /// or deleted).
+    async fn refresh_link(&self) -> bool {
+        let link = self.link();
+        let mtu = match link.netlink.mtu(link.index).await {
+            Ok(Some(mtu)) => mtu,
+            Ok(None) => return false,
+            Err(e) => {
+                tracing::warn!("cannot read the TUN's MTU: {e}");
+                return true;
+            }
+        };
+        let mut networks: Vec<IpNet> = match link.netlink.addresses(link.index).await {
+            Ok(addresses) => addresses.iter().map(IpNet::trunc).collect(),
+            Err(e) => {
+                tracing::warn!("cannot read the TUN's addresses: {e}");
+                return true;
+            }
+        };
+        networks.sort();
+        networks.dedup();
+        let mut inner = self.inner.lock().await;
+        let next = LinkState { networks, mtu };
+        if next == inner.link {
+            return true;
+        }
+        let old = std::mem::replace(&mut inner.link, next);
+        if old.networks != inner.link.networks {
+            tracing::info!(networks = ?inner.link.networks, "the TUN's networks changed; forwarding scope updated");
+            self.publish(&inner, None);
+        }
+        if old.mtu != mtu {
+            tracing::info!(mtu, "the TUN's MTU changed");
+            self.dataplane.send(Command::SetMtu(mtu));
+            self.dataplane
+                .apply(vec![mss_change(&inner.settings, mtu)])
+                .await;
+        }
+        true
+    }
+
+    /// The TUN is no longer in the namespace we watch. If it was moved to
+    /// another one, watch it there from now on and return that namespace's
+    /// changes; if it was deleted, the data path stops the daemon.
+    async fn follow_tun_namespace(&self) -> Option<crate::netlink::Changes> {
+        use std::os::fd::AsFd;
+        let moved = crate::netlink::tun_namespace(self.tun.as_fd()).and_then(|ns| {
+            if crate::netlink::is_current_namespace(ns.as_fd())? {
+                return Ok(None);
+            }
+            let name = crate::netlink::tun_name(self.tun.as_fd())?;
+            let opened = crate::netlink::in_namespace(ns.as_fd(), || {
+                Ok((Netlink::connect()?, Netlink::watch()?))
+            })?;
+            Ok(Some((name, opened)))
+        });
+        let (name, (netlink, changes)) = match moved {
+            Ok(Some((name, Ok(opened)))) => (name, opened),
+            Ok(None) => return None,
+            Ok(Some((_, Err(e)))) => {
+                tracing::warn!("the TUN moved to another network namespace, and its netlink there failed: {e}; its addresses and MTU are no longer followed");
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!("the TUN left this network namespace, and we cannot follow it ({e}); its addresses and MTU are no longer followed");
+                return None;
+            }
+        };
+        match netlink.link_index(&name).await {
+            Ok(index) => {
+                tracing::info!(interface = %name, index, "the TUN moved to another network namespace; following it there");
+                *self.link.lock().unwrap_or_else(|e| e.into_inner()) = Link { netlink, index };
+                Some(changes)
+            }
+            Err(e) => {
+                tracing::warn!("the TUN moved to another network namespace, but {e} there");
+                None
+            }
+        }
+    }
+
     fn publish(&self, inner: &Inner, peers: Option<RouteTable<PeerHandle>>) {
         let current = self.routes.load();
         let peers = match peers {
@@ -262,7 +381,7 @@ impl Daemon {
         };
         self.routes.store(Arc::new(Routes {
             peers,
-            forward: Arc::new(forward_table(&inner.settings)),
+            forward: Arc::new(forward_table(&inner.settings, &inner.link)),
         }));
     }
 
@@ -550,8 +669,9 @@ impl Daemon {
         if new.addresses != old.addresses || new.mtu != old.mtu {
             // Saved already: a netlink failure here is reported, and the
             // next start applies the saved values.
-            self.netlink
-                .configure_all(self.tun_index, &new.addresses, new.mtu)
+            let link = self.link();
+            link.netlink
+                .configure_all(link.index, &old.addresses, &new.addresses, new.mtu)
                 .await
                 .map_err(|e| format!("saved, but the interface could not be updated: {e}"))?;
         }
@@ -559,11 +679,12 @@ impl Daemon {
         if new.advertised_routes != old.advertised_routes {
             changes.push(Change::SetAdvertised(new.advertised_routes.clone()));
         }
-        if new.mss_clamp != old.mss_clamp || new.mtu != old.mtu {
-            changes.push(mss_change(new));
-        }
-        if new.mtu != old.mtu {
+        if new.mtu != old.mtu && new.mtu != inner.link.mtu {
+            inner.link.mtu = new.mtu;
             self.dataplane.send(Command::SetMtu(new.mtu));
+        }
+        if new.mss_clamp != old.mss_clamp || new.mtu != old.mtu {
+            changes.push(mss_change(new, inner.link.mtu));
         }
         if new.addresses != old.addresses {
             changes.push(Change::SetLocalAddress(local_v4(new)));
@@ -731,8 +852,9 @@ impl Daemon {
             Ok::<_, String>(())
         })?;
         self.commit_plan(&mut inner, next, plan).await?;
+        let link = self.link();
         for net in learned.unwrap_or_default() {
-            let _ = self.netlink.del_route(self.tun_index, net).await;
+            let _ = link.netlink.del_route(link.index, net).await;
         }
         tracing::info!(peer = %name, "peer removed");
         Ok(Response::Done {
@@ -778,7 +900,8 @@ impl Daemon {
         if !peer.accept_routes {
             return;
         }
-        let local = match self.netlink.local_networks(self.tun_index).await {
+        let link = self.link();
+        let local = match link.netlink.local_networks(link.index).await {
             Ok(local) => local,
             Err(e) => {
                 tracing::warn!("cannot list local networks, ignoring learned routes: {e}");
@@ -823,12 +946,12 @@ impl Daemon {
             return;
         }
         for net in accepted.iter().filter(|n| !previous.contains(n)) {
-            if let Err(e) = self.netlink.add_route(self.tun_index, *net).await {
+            if let Err(e) = link.netlink.add_route(link.index, *net).await {
                 tracing::warn!(route = %net, "cannot install learned route: {e}");
             }
         }
         for net in previous.iter().filter(|n| !accepted.contains(n)) {
-            if let Err(e) = self.netlink.del_route(self.tun_index, *net).await {
+            if let Err(e) = link.netlink.del_route(link.index, *net).await {
                 tracing::debug!(route = %net, "cannot remove learned route: {e}");
             }
         }
@@ -936,6 +1059,7 @@ impl Daemon {
                 .flat_map(|p| p.learned.iter().map(ToString::to_string))
                 .collect(),
             snat: settings.snat,
+            snat_form: inner.nat.form().map(|f| f.to_string()),
             mss_clamp: settings.mss_clamp,
             warnings,
             peers: inner.config.peers.iter().map(peer_status).collect(),
@@ -1093,13 +1217,25 @@ pub fn validate_addresses(addresses: &[IpNet]) -> Result<(), String> {
 
 pub async fn run(options: Options) -> anyhow::Result<()> {
     let state = StateDir::open(&options.state_dir)?;
-    let (private_key, generated) = state.load_or_create_key()?;
-    if generated {
-        tracing::info!(path = %state.path("private.key").display(), "generated a new private key");
-    }
+    let private_key = if options.plain {
+        state.load_key()?
+    } else {
+        let (key, generated) = state.load_or_create_key()?;
+        if generated {
+            tracing::info!(path = %state.path("private.key").display(), "generated a new private key");
+        }
+        Some(key)
+    };
     let saved = state.load_settings()?;
-    let default_address: IpNet = DEFAULT_ADDRESS.parse().context("default address")?;
-    let mut settings = saved.unwrap_or_else(|| Settings::new(vec![default_address], DEFAULT_PORT));
+    let mut settings = match saved {
+        Some(settings) => settings,
+        // wg-quick sets the addresses and, if the config has one, the port.
+        None if options.plain => Settings::new(Vec::new(), 0),
+        None => Settings::new(
+            vec![DEFAULT_ADDRESS.parse().context("default address")?],
+            DEFAULT_PORT,
+        ),
+    };
     if let Some(addresses) = &options.addresses {
         settings.addresses = addresses.clone();
     }
@@ -1109,7 +1245,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     if let Some(mtu) = options.mtu {
         settings.mtu = mtu;
     }
-    validate_addresses(&settings.addresses).map_err(anyhow::Error::msg)?;
+    if !(options.plain && settings.addresses.is_empty()) {
+        validate_addresses(&settings.addresses).map_err(anyhow::Error::msg)?;
+    }
     let tunnel = tunnel_networks(&settings);
     if let Some(clash) = settings
         .advertised_routes
@@ -1151,18 +1289,33 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         )
     })?;
     let netlink = Netlink::connect().context("cannot open netlink")?;
+    // Subscribed before the first read, so no change falls in between.
+    let link_changes = Netlink::watch().context("cannot subscribe to netlink events")?;
     let tun_index = netlink.link_index(&options.interface).await?;
     netlink
-        .configure_all(tun_index, &settings.addresses, settings.mtu)
+        .configure_all(tun_index, &[], &settings.addresses, settings.mtu)
         .await
         .with_context(|| format!("cannot configure {}", options.interface))?;
+    let link = LinkState {
+        networks: netlink
+            .addresses(tun_index)
+            .await
+            .with_context(|| format!("cannot read the addresses of {}", options.interface))?
+            .iter()
+            .map(IpNet::trunc)
+            .collect(),
+        mtu: settings.mtu,
+    };
+    let tun_fd = std::os::fd::AsFd::as_fd(&tun)
+        .try_clone_to_owned()
+        .context("cannot duplicate the TUN descriptor")?;
 
     let sockets = UdpSockets::bind(settings.listen_port, 0, options.offload)
         .with_context(|| format!("cannot bind UDP port {}", settings.listen_port))?;
     state.save_settings(&settings)?;
     let port = sockets.port;
 
-    let mut config = DeviceConfig::new(Some(private_key), port);
+    let mut config = DeviceConfig::new(private_key, port);
     restore_peers(&mut config, &stored_peers, &state.path("peers.json"))?;
     let routes: SharedRoutes = Arc::new(ArcSwap::from_pointee(Routes::default()));
     let counters = Arc::new(DropCounters::default());
@@ -1178,7 +1331,10 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         exit_tx,
     )?;
 
-    let mut nat: Box<dyn Nat> = Box::new(NftNat::new());
+    let mut nat: Box<dyn Nat> = Box::new(match options.nat_form {
+        Some(form) => NftNat::with_form(form),
+        None => NftNat::new(),
+    });
     let nat_error = match nat.apply(&nat_state(&options.interface, &settings)) {
         Ok(()) => None,
         Err(e) => {
@@ -1194,16 +1350,20 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     plan.before_table.extend([
         Change::SetLocalAddress(local_v4(&settings)),
         Change::SetAdvertised(settings.advertised_routes.clone()),
-        mss_change(&settings),
+        mss_change(&settings, settings.mtu),
     ]);
     let peer_count = config.peers.len();
     let daemon = Arc::new(Daemon {
         interface: options.interface.clone(),
-        tun_index,
-        netlink,
+        link: std::sync::Mutex::new(Link {
+            netlink,
+            index: tun_index,
+        }),
+        tun: tun_fd,
         inner: Mutex::new(Inner {
             config: DeviceConfig::new(None, port),
             settings: settings.clone(),
+            link,
             nat,
             nat_error,
         }),
@@ -1217,8 +1377,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         let mut inner = daemon.inner.lock().await;
         daemon.apply_plan(&mut inner, config, plan).await;
         // Routes learned before a restart are back before their peer answers.
+        let link = daemon.link();
         for net in inner.config.peers.iter().flat_map(|p| p.learned.iter()) {
-            if let Err(e) = daemon.netlink.add_route(daemon.tun_index, *net).await {
+            if let Err(e) = link.netlink.add_route(link.index, *net).await {
                 tracing::warn!(route = %net, "cannot restore a learned route: {e}");
             }
         }
@@ -1253,6 +1414,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         }
     });
     let watchdog_task = tokio::spawn(watchdog(daemon.dataplane.heartbeat.clone()));
+    let link_task = tokio::spawn(follow_link(daemon.clone(), link_changes));
     tracing::info!(
         interface = %options.interface,
         addresses = ?settings.addresses,
@@ -1282,6 +1444,10 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
             }
             result = &mut exit_rx => break match result {
+                Ok(Ok(Stopped::TunGone)) => {
+                    tracing::info!(interface = %options.interface, "the TUN device was deleted: shutting down");
+                    Ok(())
+                }
                 Ok(Err(e)) => Err(anyhow::Error::from(e).context("the data path failed")),
                 _ => Err(anyhow::anyhow!("the data path stopped unexpectedly")),
             },
@@ -1294,6 +1460,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         events_task,
         metrics_task,
         watchdog_task,
+        link_task,
     ] {
         task.abort();
         let _ = task.await;
@@ -1308,6 +1475,28 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         Err(_) => tracing::warn!("control tasks still hold the daemon; exiting anyway"),
     }
     outcome
+}
+
+/// Follows the TUN's addresses and MTU as wg-quick and ip(8) change them, in
+/// whichever network namespace the device is.
+async fn follow_link(daemon: Arc<Daemon>, mut changes: crate::netlink::Changes) {
+    use futures::{FutureExt, StreamExt};
+    loop {
+        if !daemon.refresh_link().await {
+            if let Some(elsewhere) = daemon.follow_tun_namespace().await {
+                changes = elsewhere;
+                continue;
+            }
+        }
+        if changes.next().await.is_none() {
+            tracing::warn!(
+                "netlink events stopped; the TUN's addresses and MTU are no longer followed"
+            );
+            return;
+        }
+        // A burst (wg-quick adds several addresses) needs one re-read.
+        while let Some(Some(())) = changes.next().now_or_never() {}
+    }
 }
 
 /// Feeds systemd's watchdog while the data-path loop keeps turning. The loop
@@ -1404,7 +1593,13 @@ mod tests {
     fn forward_scope_is_tunnel_plus_advertised() {
         let mut settings = Settings::new(vec!["100.64.0.1/24".parse().expect("cidr")], 51820);
         settings.advertised_routes = vec!["198.18.64.0/20".parse().expect("cidr")];
-        let table = forward_table(&settings);
+        let table = forward_table(
+            &settings,
+            &LinkState {
+                networks: Vec::new(),
+                mtu: 1420,
+            },
+        );
         for (addr, inside) in [
             ("100.64.0.9", true),
             ("198.18.70.1", true),

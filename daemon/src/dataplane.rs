@@ -85,6 +85,15 @@ pub enum Command {
     Shutdown,
 }
 
+/// Why the data-path thread stopped without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// The control plane asked it to.
+    Shutdown,
+    /// The TUN device was deleted (`ip link del`, `wg-quick down`).
+    TunGone,
+}
+
 /// Which kernel offloads the data path may use. All are on by default and
 /// each still falls back when the kernel lacks it; turning one off is for
 /// measuring what it brings and for testing the fallbacks.
@@ -382,7 +391,7 @@ impl Dataplane {
         routes: SharedRoutes,
         counters: Arc<DropCounters>,
         events: tokio::sync::mpsc::UnboundedSender<Event>,
-        on_exit: tokio::sync::oneshot::Sender<io::Result<()>>,
+        on_exit: tokio::sync::oneshot::Sender<io::Result<Stopped>>,
     ) -> io::Result<Dataplane> {
         tun.set_nonblocking(true)?;
         tracing::info!(
@@ -508,7 +517,7 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(&mut self) -> io::Result<()> {
+    fn run(&mut self) -> io::Result<Stopped> {
         loop {
             self.heartbeat.fetch_add(1, Ordering::Relaxed);
             let now = Instant::now();
@@ -536,11 +545,11 @@ impl Worker {
             let has_v6 = v6.is_some();
 
             if ready[0] && !self.handle_commands() {
-                return Ok(());
+                return Ok(Stopped::Shutdown);
             }
             let now = Instant::now();
-            if ready[1] {
-                self.read_tun(now)?;
+            if ready[1] && self.read_tun(now)? == Some(Stopped::TunGone) {
+                return Ok(Stopped::TunGone);
             }
             if ready[2] {
                 self.read_udp(false, now);
@@ -565,7 +574,7 @@ impl Worker {
     }
 
     /// Reads, splits and encrypts up to [`TURN_BUDGET`] packets.
-    fn read_tun(&mut self, now: Instant) -> io::Result<()> {
+    fn read_tun(&mut self, now: Instant) -> io::Result<Option<Stopped>> {
         let rx = &mut self.rx;
         let mut handled = 0;
         while handled < TURN_BUDGET {
@@ -577,8 +586,9 @@ impl Worker {
             ) {
                 Ok(n) => n,
                 Err(e) if is_transient(&e) => break,
+                // A deleted device answers every read with EBADFD.
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EBADFD | libc::ENODEV)) => {
-                    return Err(io::Error::other("the TUN device went away"));
+                    return Ok(Some(Stopped::TunGone));
                 }
                 Err(e) => {
                     // A super-packet tun-rs could not split.
@@ -599,7 +609,7 @@ impl Worker {
             handled += n.max(1);
         }
         self.port.flush_udp();
-        Ok(())
+        Ok(None)
     }
 
     /// Receives and decrypts up to [`TURN_BUDGET`] datagrams from one socket.

@@ -1,27 +1,48 @@
 //! `vpcgated`: the command line of the daemon.
+//!
+//! Two ways to start it. As a gateway (`vpcgated [--interface NAME]`, what
+//! the systemd unit runs): it stays in the foreground, with a default tunnel
+//! address and its state in /var/lib/vpcgate. As a plain WireGuard
+//! interface (`vpcgated IFNAME`, wireguard-go's calling convention, which
+//! wg-quick uses through `WG_QUICK_USERSPACE_IMPLEMENTATION`): it starts in
+//! the background, returns once `wg` can talk to it, and keeps its state per
+//! interface; wg-quick sets its key, peers, addresses and MTU.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 use ipnet::IpNet;
 use tracing_subscriber::EnvFilter;
 use vpcgated::daemon::{self, Options};
+use vpcgated::nat::NatForm;
 
 /// Userspace WireGuard subnet router. Manage peers with `wg` (the interface's
 /// UAPI socket is /var/run/wireguard/<interface>.sock) or with `vpcgate`.
 #[derive(Parser, Debug)]
 #[command(version, about)]
-struct Args {
-    /// Name of the TUN interface to create.
-    #[arg(long, default_value = "vpcgate0", value_parser = interface_name)]
-    interface: String,
-    /// Directory for the private key and settings (created 0700).
-    #[arg(long, default_value = "/var/lib/vpcgate")]
-    state_dir: PathBuf,
-    /// Control socket for the `vpcgate` CLI.
-    #[arg(long, default_value = vpcgate_proto::DEFAULT_SOCKET)]
-    socket: PathBuf,
+pub struct Args {
+    /// Run as a plain WireGuard interface named IFNAME, as wireguard-go
+    /// does: in the background once `wg` can reach it, with no default
+    /// address, and state in /var/lib/vpcgate/IFNAME. This is how
+    /// `WG_QUICK_USERSPACE_IMPLEMENTATION=vpcgated wg-quick up` starts it.
+    #[arg(value_parser = interface_name, conflicts_with = "interface", value_name = "IFNAME")]
+    ifname: Option<String>,
+    /// With IFNAME: stay in the foreground (also WG_PROCESS_FOREGROUND=1).
+    #[arg(short, long)]
+    foreground: bool,
+    /// Name of the TUN interface to create (as a gateway) [default: vpcgate0].
+    #[arg(long, value_parser = interface_name)]
+    interface: Option<String>,
+    /// Directory for the private key and settings (created 0700)
+    /// [default: /var/lib/vpcgate, or /var/lib/vpcgate/IFNAME].
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Control socket for the `vpcgate` CLI
+    /// [default: /run/vpcgate/vpcgated.sock, or /run/vpcgate/IFNAME.sock].
+    #[arg(long)]
+    socket: Option<PathBuf>,
     /// UDP listen port [default: the saved one, else 51820]; 0 picks a free port.
     #[arg(long)]
     listen_port: Option<u16>,
@@ -44,10 +65,20 @@ struct Args {
     /// and testing the fallbacks.
     #[arg(long, value_delimiter = ',', value_parser = ["tun", "gso", "gro"])]
     no_offload: Vec<String>,
+    /// The nftables form of the SNAT table: `inet` (nft 0.9.1+, Linux 5.2+)
+    /// or `ip+ip6` (separate tables, for older systems such as Ubuntu
+    /// 18.04) [default: inet where it works, else ip+ip6].
+    #[arg(long, value_parser = parse_nat_form)]
+    nat_form: Option<NatForm>,
     /// Log level (error, warn, info, debug, trace) or a tracing filter.
     /// Overrides VPCGATE_LOG.
     #[arg(long)]
     log_level: Option<String>,
+}
+
+fn parse_nat_form(text: &str) -> Result<NatForm, String> {
+    text.parse()
+        .map_err(|e: vpcgated::nat::UnknownNatForm| e.to_string())
 }
 
 fn interface_name(name: &str) -> Result<String, String> {
@@ -65,8 +96,117 @@ fn interface_name(name: &str) -> Result<String, String> {
     }
 }
 
+/// How long a background start may take before the parent gives up on it:
+/// start-up is milliseconds, so this only stops a wedged start from hanging
+/// wg-quick forever.
+const BACKGROUND_START_LIMIT: Duration = Duration::from_secs(60);
+
+/// Starts this same command again in the background, in a session of its
+/// own, and returns once its UAPI socket answers `wg`, as wireguard-go does.
+/// The child logs to our stderr only if a log level was asked for.
+fn start_in_background(ifname: &str, verbose: bool) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => {
+            eprintln!("vpcgated: cannot find our own executable: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let log = || {
+        if verbose {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        }
+    };
+    let mut command = Command::new(exe);
+    command
+        .args(std::env::args_os().skip(1))
+        .env("WG_PROCESS_FOREGROUND", "1")
+        .stdin(Stdio::null())
+        .stdout(log())
+        .stderr(log());
+    // SAFETY: setsid is async-signal-safe and touches no memory of ours.
+    unsafe {
+        command.pre_exec(|| nix::unistd::setsid().map(drop).map_err(Into::into));
+    }
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            eprintln!("vpcgated: cannot start the daemon: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let uapi = vpcgated::uapi::socket_path(ifname);
+    let started = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                eprintln!(
+                    "vpcgated: the daemon for {ifname} exited while starting ({status}); \
+                     run `vpcgated --foreground {ifname}` to see why"
+                );
+                return ExitCode::FAILURE;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                eprintln!("vpcgated: cannot watch the daemon: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+        if answered_by(&uapi, child.id()) {
+            return ExitCode::SUCCESS;
+        }
+        if started.elapsed() > BACKGROUND_START_LIMIT {
+            eprintln!(
+                "vpcgated: the daemon for {ifname} did not answer on {} within {:?}; stopping it",
+                uapi.display(),
+                BACKGROUND_START_LIMIT
+            );
+            let _ = child.kill();
+            let _ = child.wait();
+            return ExitCode::FAILURE;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether the process `pid` listens on the UAPI socket at `path` and
+/// answers a `get` there: `wg` can use the interface.
+fn answered_by(path: &Path, pid: u32) -> bool {
+    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+    use std::io::{BufRead, BufReader, Write};
+    let Ok(mut stream) = std::os::unix::net::UnixStream::connect(path) else {
+        return false;
+    };
+    let ours = getsockopt(&stream, PeerCredentials)
+        .is_ok_and(|cred| u32::try_from(cred.pid()).ok() == Some(pid));
+    if !ours
+        || stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .is_err()
+    {
+        return false;
+    }
+    if stream.write_all(b"get=1\n\n").is_err() {
+        return false;
+    }
+    BufReader::new(stream)
+        .lines()
+        .map_while(Result::ok)
+        .any(|line| line == "errno=0")
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
+    let foreground =
+        args.foreground || std::env::var("WG_PROCESS_FOREGROUND").is_ok_and(|v| v == "1");
+    if let (Some(ifname), false) = (&args.ifname, foreground) {
+        let verbose = args.log_level.is_some() || std::env::var_os("VPCGATE_LOG").is_some();
+        return start_in_background(ifname, verbose);
+    }
     let level = args
         .log_level
         .clone()
@@ -102,10 +242,28 @@ fn main() -> ExitCode {
     // Every file and socket we create is private to root.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
 
+    let plain = args.ifname.is_some();
+    let interface = args
+        .ifname
+        .or(args.interface)
+        .unwrap_or_else(|| "vpcgate0".into());
+    let (state_dir, socket) = if plain {
+        (
+            Path::new("/var/lib/vpcgate").join(&interface),
+            Path::new("/run/vpcgate").join(format!("{interface}.sock")),
+        )
+    } else {
+        (
+            PathBuf::from("/var/lib/vpcgate"),
+            PathBuf::from(vpcgate_proto::DEFAULT_SOCKET),
+        )
+    };
     let options = Options {
-        interface: args.interface,
-        state_dir: args.state_dir,
-        socket: args.socket,
+        state_dir: args.state_dir.unwrap_or(state_dir),
+        socket: args.socket.unwrap_or(socket),
+        interface,
+        plain,
+        nat_form: args.nat_form,
         listen_port: args.listen_port,
         addresses: args.address,
         mtu: args.mtu,

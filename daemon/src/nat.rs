@@ -3,30 +3,46 @@
 //! Packets that arrive on the TUN interface and are forwarded towards one of
 //! the advertised ranges leave with the gateway's own address on the
 //! outgoing interface (masquerade), so the peered network needs no return
-//! route to the WireGuard addresses. This module owns exactly one nftables
-//! table per TUN interface, `inet vpcgate_<ifname>`, and never reads or
-//! touches any other table.
+//! route to the WireGuard addresses. This module owns the nftables tables
+//! named `vpcgate_<ifname>` for its TUN interface, in the `inet`, `ip` and
+//! `ip6` families, and never reads or touches any other table.
+//!
+//! The rules take one of two [`NatForm`]s. [`NatForm::Inet`] is one
+//! `inet vpcgate_<ifname>` table holding both range sets and one chain; NAT
+//! in an `inet` table needs nft 0.9.1 and Linux 5.2. [`NatForm::Split`] is
+//! the same thing for older systems (Ubuntu 18.04): an `ip` table with the
+//! IPv4 set and rule and an `ip6` table with the IPv6 ones, and a numeric
+//! chain priority, since old nft does not know `srcnat`. [`NftNat::new`]
+//! finds out which form the system takes: its first apply that has a NAT
+//! chain tries `inet` and, if nft rejects that, the split form, and it keeps
+//! to the form that worked. [`NftNat::with_form`] skips the detection.
+//!
+//! A table exists only while ranges are advertised: with no ranges, apply
+//! deletes our tables and creates none.
 //!
 //! [`script`] turns a [`NatState`] into an nft script (pure). [`NftNat`]
-//! feeds it to `nft -f -`; each apply is one nft transaction that replaces
-//! the whole table, so the kernel never sees half a ruleset. [`FakeNat`]
-//! records what it was asked, for tests of the daemon.
+//! feeds it to `nft -f -`; each apply is one nft transaction that deletes
+//! our tables of both forms and recreates the one wanted in full, so the
+//! kernel never sees half a ruleset and a change of form leaves no stale
+//! table behind. [`FakeNat`] records what it was asked, for tests of the
+//! daemon.
 //!
 //! Table names: interface names may contain `-` and `.`, which we escape so
 //! that every interface maps to its own table and no two collide: `_`
 //! becomes `__`, `-` becomes `_h` and `.` becomes `_d` (`vpc-gate.0` ->
 //! `vpcgate_vpc_hgate_d0`). ASCII letters and digits are kept as they are.
 //!
-//! `enabled = false` keeps the table and its two range sets but drops the
+//! `enabled = false` keeps the table(s) and the range sets but drops the
 //! `postrouting` chain altogether. No masquerading happens then, and because
 //! no NAT chain is registered on the hook, the kernel is not made to
 //! connection-track every packet on our behalf.
 
 use std::ffi::OsStr;
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::str::FromStr;
 
 use ipnet::IpNet;
 
@@ -41,6 +57,8 @@ const SET6: &str = "ranges6";
 /// service's PATH often lacks the sbin directories).
 const NFT_FALLBACK: &str = "/usr/sbin/nft";
 const IP_FALLBACK: &str = "/usr/sbin/ip";
+/// Every family a table of ours may have, whatever the form.
+const FAMILIES: [&str; 3] = ["inet", "ip", "ip6"];
 
 /// What the kernel should do for one TUN interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,7 +69,45 @@ pub struct NatState {
     pub enabled: bool,
     /// Destinations whose traffic is masqueraded. Order, overlaps and host
     /// bits do not matter: the ranges are merged before they reach nft.
+    /// Empty means no table at all.
     pub ranges: Vec<IpNet>,
+}
+
+/// How the NAT rules are laid out in nftables (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NatForm {
+    /// One `inet` table for both families: nft 0.9.1 and Linux 5.2 or newer.
+    Inet,
+    /// An `ip` and an `ip6` table, for systems too old for `Inet`.
+    Split,
+}
+
+impl fmt::Display for NatForm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NatForm::Inet => "inet",
+            NatForm::Split => "ip+ip6",
+        })
+    }
+}
+
+/// A [`NatForm`] name that is neither `inet` nor `ip+ip6` (or `split`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown NAT form {0:?}: use `inet` (one inet table) or `ip+ip6` (an ip and an ip6 table, for nft older than 0.9.1 or Linux older than 5.2)")]
+pub struct UnknownNatForm(pub String);
+
+impl FromStr for NatForm {
+    type Err = UnknownNatForm;
+
+    /// Parses what [`Display`](fmt::Display) prints; `split` is accepted for
+    /// `ip+ip6`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "inet" => Ok(NatForm::Inet),
+            "ip+ip6" | "split" => Ok(NatForm::Split),
+            other => Err(UnknownNatForm(other.to_string())),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,8 +132,11 @@ pub trait Nat: Send + Sync {
     /// twice does nothing the second time (the real one may skip the nft call
     /// when unchanged).
     fn apply(&mut self, desired: &NatState) -> Result<(), NatError>;
-    /// Removes the daemon's table (if present). Idempotent.
+    /// Removes the daemon's tables of both forms (if present). Idempotent.
     fn remove(&mut self) -> Result<(), NatError>;
+    /// The form of the table(s) currently applied; `None` when there are
+    /// none: nothing applied yet, no ranges, or removed.
+    fn form(&self) -> Option<NatForm>;
 }
 
 /// Checks that `name` can be a Linux interface name made only of
@@ -109,8 +168,8 @@ pub fn validate_interface(name: &str) -> Result<(), NatError> {
 }
 
 /// The nft table name for an interface (see the module doc for the
-/// escaping). The interface must already have passed
-/// [`validate_interface`].
+/// escaping); the same name in every family. The interface must already
+/// have passed [`validate_interface`].
 pub fn table_name(interface: &str) -> String {
     let mut name = String::with_capacity(TABLE_PREFIX.len() + 2 * interface.len());
     name.push_str(TABLE_PREFIX);
@@ -128,9 +187,17 @@ pub fn table_name(interface: &str) -> String {
 /// Declares the table and deletes it: together they delete it whether or
 /// not it exists (`nft delete` alone fails on a missing table, and `destroy`
 /// needs nft 1.0.8 and Linux 6.3).
-fn delete_table(out: &mut String, table: &str) {
-    let _ = writeln!(out, "table inet {table} {{}}");
-    let _ = writeln!(out, "delete table inet {table}");
+fn delete_table(out: &mut String, family: &str, table: &str) {
+    let _ = writeln!(out, "table {family} {table} {{}}");
+    let _ = writeln!(out, "delete table {family} {table}");
+}
+
+/// Deletes our tables of both forms. Declaring an `inet` table works on
+/// systems that cannot do NAT in one, so this suits either form.
+fn delete_tables(out: &mut String, table: &str) {
+    for family in FAMILIES {
+        delete_table(out, family, table);
+    }
 }
 
 fn write_set(out: &mut String, name: &str, ty: &str, ranges: &[&IpNet]) {
@@ -144,11 +211,31 @@ fn write_set(out: &mut String, name: &str, ty: &str, ranges: &[&IpNet]) {
     let _ = writeln!(out, "\t}}");
 }
 
-/// The nft script that makes the kernel match `desired`: it deletes the
-/// interface's table if present and recreates it in full, all in the one
-/// transaction that `nft -f` makes of its input. Fails only on an invalid
-/// interface name, which never reaches the script.
-pub fn script(desired: &NatState) -> Result<String, NatError> {
+/// The `postrouting` chain; `rules` are (address keyword, set) pairs.
+fn write_chain(out: &mut String, iface: &str, priority: &str, rules: &[(&str, &str)]) {
+    // `iifname` does match in postrouting for forwarded packets (the
+    // kernel keeps the input device); the traffic test checks it.
+    let _ = writeln!(out, "\tchain postrouting {{");
+    let _ = writeln!(
+        out,
+        "\t\ttype nat hook postrouting priority {priority}; policy accept;"
+    );
+    for (proto, set) in rules {
+        let _ = writeln!(
+            out,
+            "\t\tiifname \"{iface}\" {proto} daddr @{set} masquerade"
+        );
+    }
+    let _ = writeln!(out, "\t}}");
+}
+
+/// The nft script that makes the kernel match `desired` in `form`: it
+/// deletes the interface's tables of both forms if present and, when there
+/// are ranges, recreates the ones of `form` in full, all in the one
+/// transaction that `nft -f` makes of its input. With no ranges the script
+/// is the same for both forms. Fails only on an invalid interface name,
+/// which never reaches the script.
+pub fn script(desired: &NatState, form: NatForm) -> Result<String, NatError> {
     validate_interface(&desired.interface)?;
     let table = table_name(&desired.interface);
     let iface = &desired.interface;
@@ -159,32 +246,46 @@ pub fn script(desired: &NatState) -> Result<String, NatError> {
     let v6: Vec<&IpNet> = ranges.iter().filter(|r| r.addr().is_ipv6()).collect();
 
     let mut out = String::new();
-    delete_table(&mut out, &table);
-    let _ = writeln!(out, "table inet {table} {{");
+    delete_tables(&mut out, &table);
+    if ranges.is_empty() {
+        return Ok(out);
+    }
     // The table's name says whose it is; a table comment would need nft
     // 0.9.7, newer than Ubuntu 20.04's 0.9.3.
-    write_set(&mut out, SET4, "ipv4_addr", &v4);
-    write_set(&mut out, SET6, "ipv6_addr", &v6);
-    if desired.enabled {
-        // `iifname` does match in postrouting for forwarded packets (the
-        // kernel keeps the input device); the traffic test checks it.
-        let _ = writeln!(out, "\tchain postrouting {{");
-        let _ = writeln!(
-            out,
-            "\t\ttype nat hook postrouting priority srcnat; policy accept;"
-        );
-        let _ = writeln!(out, "\t\tiifname \"{iface}\" ip daddr @{SET4} masquerade");
-        let _ = writeln!(out, "\t\tiifname \"{iface}\" ip6 daddr @{SET6} masquerade");
-        let _ = writeln!(out, "\t}}");
+    match form {
+        NatForm::Inet => {
+            let _ = writeln!(out, "table inet {table} {{");
+            write_set(&mut out, SET4, "ipv4_addr", &v4);
+            write_set(&mut out, SET6, "ipv6_addr", &v6);
+            if desired.enabled {
+                write_chain(&mut out, iface, "srcnat", &[("ip", SET4), ("ip6", SET6)]);
+            }
+            let _ = writeln!(out, "}}");
+        }
+        NatForm::Split => {
+            // 100 is what `srcnat` stands for; nft before 0.9.1 knows only
+            // numbers.
+            for (family, proto, set, ty, members) in [
+                ("ip", "ip", SET4, "ipv4_addr", &v4),
+                ("ip6", "ip6", SET6, "ipv6_addr", &v6),
+            ] {
+                let _ = writeln!(out, "table {family} {table} {{");
+                write_set(&mut out, set, ty, members);
+                if desired.enabled {
+                    write_chain(&mut out, iface, "100", &[(proto, set)]);
+                }
+                let _ = writeln!(out, "}}");
+            }
+        }
     }
-    let _ = writeln!(out, "}}");
     Ok(out)
 }
 
-/// The script that removes the table for `interface` if it exists.
+/// The script that removes the tables of both forms for `interface`, if
+/// they exist.
 fn remove_script(interface: &str) -> String {
     let mut out = String::new();
-    delete_table(&mut out, &table_name(interface));
+    delete_tables(&mut out, &table_name(interface));
     out
 }
 
@@ -193,26 +294,41 @@ fn remove_script(interface: &str) -> String {
 /// It remembers the last script it applied and skips the nft call when the
 /// next one is identical. If something else edits or deletes the table, the
 /// next *different* state repairs it; [`Nat::remove`] followed by
-/// [`Nat::apply`] always runs nft. `remove` acts on the table of the last
+/// [`Nat::apply`] always runs nft. `remove` acts on the tables of the last
 /// interface applied; on an instance that has applied nothing it does
-/// nothing, and a table left by an earlier process is replaced by the next
-/// `apply` for the same interface.
+/// nothing, and tables left by an earlier process, of either form, are
+/// replaced by the next `apply` for the same interface.
+///
+/// Unless a form is forced ([`NftNat::with_form`], [`NftNat::force_form`]),
+/// the form is found as the module doc says. Until then, applies without a
+/// NAT chain (`enabled = false`) use `inet` without settling on it, since
+/// old kernels take an `inet` table as long as it has no NAT chain.
 #[derive(Debug, Default)]
 pub struct NftNat {
     /// Run nft inside this network namespace (`ip netns exec`), for tests.
     netns: Option<String>,
     nft: Option<PathBuf>,
-    /// The interface whose table may exist: removed on `remove`, and
+    /// The form to use: forced, or detected; `None` until detected.
+    settled: Option<NatForm>,
+    /// The interface whose tables may exist: removed on `remove`, and
     /// replaced in the same transaction if `apply` moves to another one.
     table_for: Option<String>,
     /// The script the kernel is known to match; `None` after a failure or a
     /// removal, so the next apply always runs.
     applied: Option<String>,
+    /// The form of our tables in the kernel; `None` if there are none.
+    current: Option<NatForm>,
 }
 
 impl NftNat {
+    /// Detects the form on the first apply that needs a NAT chain.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Always uses `form`, without detection.
+    pub fn with_form(form: NatForm) -> Self {
+        Self::new().force_form(form)
     }
 
     /// An `NftNat` that runs nft as `ip netns exec <netns> nft`, so that
@@ -222,6 +338,15 @@ impl NftNat {
         NftNat {
             netns: Some(netns.into()),
             ..Self::default()
+        }
+    }
+
+    /// Always uses `form` instead of detecting it; combines with the
+    /// constructors, as in `NftNat::in_netns(ns).force_form(form)`.
+    pub fn force_form(self, form: NatForm) -> Self {
+        NftNat {
+            settled: Some(form),
+            ..self
         }
     }
 
@@ -281,34 +406,88 @@ impl NftNat {
             _ => Ok(()),
         }
     }
+
+    /// Runs `prefix` + the script for `desired` in the known form or, while
+    /// none is known, in `inet` and then in the split form if nft rejects
+    /// `inet`. Returns the form used and the script (without `prefix`).
+    fn run_detecting(
+        &mut self,
+        desired: &NatState,
+        prefix: &str,
+        first: String,
+    ) -> Result<(NatForm, String), NatError> {
+        let form = self.settled.unwrap_or(NatForm::Inet);
+        let inet_error = match self.run(&format!("{prefix}{first}")) {
+            Ok(()) => return Ok((form, first)),
+            // With no ranges the script is the same in both forms.
+            Err(NatError::NftFailed { stderr })
+                if self.settled.is_none() && !desired.ranges.is_empty() =>
+            {
+                stderr
+            }
+            Err(e) => return Err(e),
+        };
+        let split = script(desired, NatForm::Split)?;
+        match self.run(&format!("{prefix}{split}")) {
+            Ok(()) => {
+                tracing::info!(
+                    form = %NatForm::Split,
+                    inet_error = %inet_error,
+                    "nat: nft rejected the inet form (NAT in an inet table needs nft 0.9.1 and \
+                     Linux 5.2); using an ip and an ip6 table instead"
+                );
+                self.settled = Some(NatForm::Split);
+                Ok((NatForm::Split, split))
+            }
+            Err(NatError::NftFailed { stderr }) => Err(NatError::NftFailed {
+                stderr: format!("as one inet table: {inet_error}; as ip and ip6 tables: {stderr}"),
+            }),
+            Err(e) => Err(e),
+        }
+    }
 }
 
 impl Nat for NftNat {
     fn apply(&mut self, desired: &NatState) -> Result<(), NatError> {
-        let new = script(desired)?;
+        let new = script(desired, self.settled.unwrap_or(NatForm::Inet))?;
         if self.applied.as_deref() == Some(new.as_str()) {
             tracing::debug!(interface = %desired.interface, "nat: unchanged, nft not run");
             return Ok(());
         }
-        let mut full = String::new();
+        let mut prefix = String::new();
         if let Some(old) = &self.table_for {
             if *old != desired.interface {
-                full.push_str(&remove_script(old));
+                prefix.push_str(&remove_script(old));
             }
         }
-        full.push_str(&new);
         self.applied = None;
-        self.run(&full)?;
+        let (form, new) = self.run_detecting(desired, &prefix, new)?;
+        let has_table = !desired.ranges.is_empty();
+        if self.settled.is_none() && has_table && desired.enabled {
+            // The inet script just applied had a NAT chain: settled.
+            tracing::info!(form = %form, "nat: nft takes NAT in an inet table; using it");
+            self.settled = Some(form);
+        }
         self.table_for = Some(desired.interface.clone());
         self.applied = Some(new);
-        let ranges = IpNet::aggregate(&desired.ranges);
-        tracing::info!(
-            interface = %desired.interface,
-            table = %table_name(&desired.interface),
-            enabled = desired.enabled,
-            ranges = ?ranges,
-            "nat: applied"
-        );
+        self.current = has_table.then_some(form);
+        let table = table_name(&desired.interface);
+        if has_table {
+            tracing::info!(
+                interface = %desired.interface,
+                table = %table,
+                form = %form,
+                enabled = desired.enabled,
+                ranges = ?IpNet::aggregate(&desired.ranges),
+                "nat: applied"
+            );
+        } else {
+            tracing::info!(
+                interface = %desired.interface,
+                table = %table,
+                "nat: no advertised ranges, so no table"
+            );
+        }
         Ok(())
     }
 
@@ -319,8 +498,13 @@ impl Nat for NftNat {
         self.applied = None;
         self.run(&remove_script(&interface))?;
         self.table_for = None;
+        self.current = None;
         tracing::info!(table = %table_name(&interface), "nat: removed");
         Ok(())
+    }
+
+    fn form(&self) -> Option<NatForm> {
+        self.current
     }
 }
 
@@ -341,7 +525,7 @@ fn find_program(name: &str, fallback: &str) -> Option<PathBuf> {
 }
 
 /// Records what it was asked instead of touching the kernel.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FakeNat {
     /// Every state passed to a successful `apply`, repeats included.
     pub applied: Vec<NatState>,
@@ -349,6 +533,22 @@ pub struct FakeNat {
     pub removed: usize,
     /// Returned by the next `apply` or `remove`, which then records nothing.
     pub fail_next: Option<NatError>,
+    /// What `form` reports while a state with ranges is applied; `Inet`
+    /// unless a test sets it.
+    pub reported_form: NatForm,
+    current: Option<NatForm>,
+}
+
+impl Default for FakeNat {
+    fn default() -> Self {
+        FakeNat {
+            applied: Vec::new(),
+            removed: 0,
+            fail_next: None,
+            reported_form: NatForm::Inet,
+            current: None,
+        }
+    }
 }
 
 impl FakeNat {
@@ -366,6 +566,7 @@ impl Nat for FakeNat {
         // errors.
         validate_interface(&desired.interface)?;
         self.applied.push(desired.clone());
+        self.current = (!desired.ranges.is_empty()).then_some(self.reported_form);
         Ok(())
     }
 
@@ -374,7 +575,12 @@ impl Nat for FakeNat {
             return Err(e);
         }
         self.removed += 1;
+        self.current = None;
         Ok(())
+    }
+
+    fn form(&self) -> Option<NatForm> {
+        self.current
     }
 }
 
@@ -404,6 +610,10 @@ mod tests {
         let expected = "\
 table inet vpcgate_vpcgate0 {}
 delete table inet vpcgate_vpcgate0
+table ip vpcgate_vpcgate0 {}
+delete table ip vpcgate_vpcgate0
+table ip6 vpcgate_vpcgate0 {}
+delete table ip6 vpcgate_vpcgate0
 table inet vpcgate_vpcgate0 {
 \tset ranges4 {
 \t\ttype ipv4_addr
@@ -422,21 +632,183 @@ table inet vpcgate_vpcgate0 {
 \t}
 }
 ";
-        assert_eq!(script(&s).expect("valid state"), expected);
+        assert_eq!(script(&s, NatForm::Inet).expect("valid state"), expected);
     }
 
     #[test]
-    fn script_with_no_ranges_has_no_elements() {
-        let text = script(&state("wg0", true, &[])).expect("valid state");
-        assert!(!text.contains("elements"), "{text}");
-        assert!(text.contains("set ranges4 {"), "{text}");
-        assert!(text.contains("set ranges6 {"), "{text}");
-        assert!(text.contains("ip daddr @ranges4 masquerade"), "{text}");
+    fn split_script_for_a_small_state() {
+        let s = state(
+            "vpc-gate0",
+            true,
+            &["198.19.8.0/22", "fd00:db8:f::/64", "198.19.0.0/24"],
+        );
+        let expected = "\
+table inet vpcgate_vpc_hgate0 {}
+delete table inet vpcgate_vpc_hgate0
+table ip vpcgate_vpc_hgate0 {}
+delete table ip vpcgate_vpc_hgate0
+table ip6 vpcgate_vpc_hgate0 {}
+delete table ip6 vpcgate_vpc_hgate0
+table ip vpcgate_vpc_hgate0 {
+\tset ranges4 {
+\t\ttype ipv4_addr
+\t\tflags interval
+\t\telements = { 198.19.0.0/24, 198.19.8.0/22 }
+\t}
+\tchain postrouting {
+\t\ttype nat hook postrouting priority 100; policy accept;
+\t\tiifname \"vpc-gate0\" ip daddr @ranges4 masquerade
+\t}
+}
+table ip6 vpcgate_vpc_hgate0 {
+\tset ranges6 {
+\t\ttype ipv6_addr
+\t\tflags interval
+\t\telements = { fd00:db8:f::/64 }
+\t}
+\tchain postrouting {
+\t\ttype nat hook postrouting priority 100; policy accept;
+\t\tiifname \"vpc-gate0\" ip6 daddr @ranges6 masquerade
+\t}
+}
+";
+        assert_eq!(script(&s, NatForm::Split).expect("valid state"), expected);
+    }
+
+    /// The `table <family> <name> {` blocks of a script that create a table
+    /// (not the empty declarations that precede a delete), as
+    /// (family, body) pairs.
+    fn created_tables(text: &str) -> Vec<(String, String)> {
+        let mut tables = Vec::new();
+        let mut lines = text.lines();
+        while let Some(line) = lines.next() {
+            let Some(head) = line.strip_prefix("table ") else {
+                continue;
+            };
+            let Some(head) = head.strip_suffix(" {") else {
+                continue;
+            };
+            let family = head.split(' ').next().unwrap_or_default().to_string();
+            let body: Vec<&str> = lines.by_ref().take_while(|l| *l != "}").collect();
+            tables.push((family, body.join("\n")));
+        }
+        tables
+    }
+
+    #[test]
+    fn split_script_v4_only_keeps_an_empty_ip6_table() {
+        let text =
+            script(&state("wg0", true, &["198.19.0.0/24"]), NatForm::Split).expect("valid state");
+        let tables = created_tables(&text);
+        assert_eq!(tables.len(), 2, "{text}");
+        let (ip, ip6) = (&tables[0], &tables[1]);
+        assert_eq!(ip.0, "ip", "{text}");
+        assert!(ip.1.contains("elements = { 198.19.0.0/24 }"), "{text}");
+        assert!(ip.1.contains("ip daddr @ranges4 masquerade"), "{text}");
+        assert!(!ip.1.contains("ranges6"), "{text}");
+        assert_eq!(ip6.0, "ip6", "{text}");
+        assert!(!ip6.1.contains("elements"), "{text}");
+        assert!(ip6.1.contains("type ipv6_addr"), "{text}");
+        assert!(ip6.1.contains("ip6 daddr @ranges6 masquerade"), "{text}");
+        assert!(!ip6.1.contains("ranges4"), "{text}");
+        assert!(!text.contains("table inet vpcgate_wg0 {\n"), "{text}");
+        assert!(!text.contains("srcnat"), "{text}");
+    }
+
+    #[test]
+    fn split_script_v6_only_keeps_an_empty_ip_table() {
+        let text =
+            script(&state("wg0", true, &["fd00:db8:1::/48"]), NatForm::Split).expect("valid state");
+        let tables = created_tables(&text);
+        assert_eq!(tables.len(), 2, "{text}");
+        let (ip, ip6) = (&tables[0], &tables[1]);
+        assert_eq!(ip.0, "ip", "{text}");
+        assert!(!ip.1.contains("elements"), "{text}");
+        assert!(ip.1.contains("type ipv4_addr"), "{text}");
+        assert!(ip.1.contains("ip daddr @ranges4 masquerade"), "{text}");
+        assert_eq!(ip6.0, "ip6", "{text}");
+        assert!(ip6.1.contains("elements = { fd00:db8:1::/48 }"), "{text}");
+        assert!(ip6.1.contains("ip6 daddr @ranges6 masquerade"), "{text}");
+    }
+
+    #[test]
+    fn split_disabled_keeps_sets_but_has_no_chain() {
+        let text = script(
+            &state("wg0", false, &["198.19.0.0/24", "fd00:db8:1::/48"]),
+            NatForm::Split,
+        )
+        .expect("valid state");
+        let tables = created_tables(&text);
+        let families: Vec<&str> = tables.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(families, ["ip", "ip6"], "{text}");
+        assert!(
+            tables[0].1.contains("elements = { 198.19.0.0/24 }"),
+            "{text}"
+        );
+        assert!(
+            tables[1].1.contains("elements = { fd00:db8:1::/48 }"),
+            "{text}"
+        );
+        assert!(!text.contains("chain"), "{text}");
+        assert!(!text.contains("masquerade"), "{text}");
+    }
+
+    #[test]
+    fn every_script_deletes_the_tables_of_both_forms_first() {
+        let deletes = "\
+table inet vpcgate_wg0 {}
+delete table inet vpcgate_wg0
+table ip vpcgate_wg0 {}
+delete table ip vpcgate_wg0
+table ip6 vpcgate_wg0 {}
+delete table ip6 vpcgate_wg0
+";
+        for form in [NatForm::Inet, NatForm::Split] {
+            for enabled in [true, false] {
+                let text =
+                    script(&state("wg0", enabled, &["198.19.0.0/24"]), form).expect("valid state");
+                assert!(text.starts_with(deletes), "{form} {enabled}: {text}");
+                let families: Vec<String> =
+                    created_tables(&text).into_iter().map(|(f, _)| f).collect();
+                let expected: &[&str] = match form {
+                    NatForm::Inet => &["inet"],
+                    NatForm::Split => &["ip", "ip6"],
+                };
+                assert_eq!(families, expected, "{text}");
+            }
+        }
+        assert_eq!(remove_script("wg0"), deletes);
+    }
+
+    #[test]
+    fn script_with_no_ranges_only_deletes() {
+        let expected = remove_script("wg0");
+        for form in [NatForm::Inet, NatForm::Split] {
+            for enabled in [true, false] {
+                let text = script(&state("wg0", enabled, &[]), form).expect("valid state");
+                assert_eq!(text, expected, "{form} {enabled}");
+                assert!(created_tables(&text).is_empty(), "{text}");
+            }
+        }
+    }
+
+    #[test]
+    fn form_names_round_trip() {
+        assert_eq!(NatForm::Inet.to_string(), "inet");
+        assert_eq!(NatForm::Split.to_string(), "ip+ip6");
+        for form in [NatForm::Inet, NatForm::Split] {
+            assert_eq!(form.to_string().parse::<NatForm>(), Ok(form));
+        }
+        assert_eq!("split".parse::<NatForm>(), Ok(NatForm::Split));
+        let err = "ip".parse::<NatForm>().expect_err("not a form");
+        assert!(err.to_string().contains("`inet`"), "{err}");
+        assert!(err.to_string().contains("`ip+ip6`"), "{err}");
     }
 
     #[test]
     fn script_v6_only() {
-        let text = script(&state("wg0", true, &["fd00:db8:1::/48"])).expect("valid state");
+        let text =
+            script(&state("wg0", true, &["fd00:db8:1::/48"]), NatForm::Inet).expect("valid state");
         let expected_sets = "\
 \tset ranges4 {
 \t\ttype ipv4_addr
@@ -452,8 +824,9 @@ table inet vpcgate_vpcgate0 {
     }
 
     #[test]
-    fn disabled_keeps_sets_but_has_no_chain() {
-        let text = script(&state("wg0", false, &["198.19.0.0/24"])).expect("valid state");
+    fn inet_disabled_keeps_sets_but_has_no_chain() {
+        let text =
+            script(&state("wg0", false, &["198.19.0.0/24"]), NatForm::Inet).expect("valid state");
         assert!(text.contains("elements = { 198.19.0.0/24 }"), "{text}");
         assert!(!text.contains("chain"), "{text}");
         assert!(!text.contains("masquerade"), "{text}");
@@ -462,24 +835,29 @@ table inet vpcgate_vpcgate0 {
     #[test]
     fn overlapping_ranges_are_merged_and_host_bits_cleared() {
         // nft rejects overlapping elements in an interval set.
-        let text = script(&state(
-            "wg0",
-            true,
-            &[
-                "198.18.0.5/24",
-                "198.18.0.0/16",
-                "198.19.0.0/24",
-                "198.19.1.0/24",
-                "fd00:db8::/32",
-                "fd00:db8:5::1/64",
-            ],
-        ))
-        .expect("valid state");
-        assert!(
-            text.contains("elements = { 198.18.0.0/16, 198.19.0.0/23 }"),
-            "{text}"
-        );
-        assert!(text.contains("elements = { fd00:db8::/32 }"), "{text}");
+        for form in [NatForm::Inet, NatForm::Split] {
+            let text = script(
+                &state(
+                    "wg0",
+                    true,
+                    &[
+                        "198.18.0.5/24",
+                        "198.18.0.0/16",
+                        "198.19.0.0/24",
+                        "198.19.1.0/24",
+                        "fd00:db8::/32",
+                        "fd00:db8:5::1/64",
+                    ],
+                ),
+                form,
+            )
+            .expect("valid state");
+            assert!(
+                text.contains("elements = { 198.18.0.0/16, 198.19.0.0/23 }"),
+                "{text}"
+            );
+            assert!(text.contains("elements = { fd00:db8::/32 }"), "{text}");
+        }
     }
 
     #[test]
@@ -519,28 +897,37 @@ table inet vpcgate_vpcgate0 {
             "wg0\n",
             "@ranges4",
         ] {
-            let err = script(&state(bad, true, &["198.19.0.0/24"]))
-                .expect_err(&format!("{bad:?} must be rejected"));
-            assert!(matches!(err, NatError::BadInterface { .. }), "{err:?}");
+            for form in [NatForm::Inet, NatForm::Split] {
+                let err = script(&state(bad, true, &["198.19.0.0/24"]), form)
+                    .expect_err(&format!("{bad:?} must be rejected"));
+                assert!(matches!(err, NatError::BadInterface { .. }), "{err:?}");
+            }
         }
     }
 
     #[test]
     fn nft_nat_rejects_bad_names_before_running_anything() {
         // No netns, no root: the name must fail before nft is looked for.
-        let mut nat = NftNat::in_netns("vgnat-never-created");
-        let err = nat
-            .apply(&state("bad name", true, &[]))
-            .expect_err("bad name");
-        assert!(matches!(err, NatError::BadInterface { .. }), "{err:?}");
-        nat.remove().expect("nothing to remove");
+        for mut nat in [
+            NftNat::in_netns("vgnat-never-created"),
+            NftNat::in_netns("vgnat-never-created").force_form(NatForm::Split),
+        ] {
+            let err = nat
+                .apply(&state("bad name", true, &[]))
+                .expect_err("bad name");
+            assert!(matches!(err, NatError::BadInterface { .. }), "{err:?}");
+            assert_eq!(nat.form(), None);
+            nat.remove().expect("nothing to remove");
+        }
     }
 
     #[test]
     fn fake_records_and_fails_on_request() {
         let mut fake = FakeNat::new();
         let s = state("wg0", true, &["198.19.0.0/24"]);
+        assert_eq!(fake.form(), None);
         fake.apply(&s).expect("apply");
+        assert_eq!(fake.form(), Some(NatForm::Inet));
         fake.apply(&s).expect("apply again");
         assert_eq!(fake.applied, vec![s.clone(), s.clone()]);
 
@@ -550,6 +937,11 @@ table inet vpcgate_vpcgate0 {
         assert!(matches!(fake.apply(&s), Err(NatError::NftFailed { .. })));
         assert_eq!(fake.applied.len(), 2);
         assert!(fake.fail_next.is_none());
+        assert_eq!(
+            fake.form(),
+            Some(NatForm::Inet),
+            "a failure changes nothing"
+        );
 
         assert!(matches!(
             fake.apply(&state("no good", true, &[])),
@@ -557,8 +949,23 @@ table inet vpcgate_vpcgate0 {
         ));
 
         fake.remove().expect("remove");
+        assert_eq!(fake.form(), None);
         fake.remove().expect("remove again");
         assert_eq!(fake.removed, 2);
+    }
+
+    #[test]
+    fn fake_reports_a_form_only_while_there_are_ranges() {
+        let mut fake = FakeNat::new();
+        fake.reported_form = NatForm::Split;
+        fake.apply(&state("wg0", false, &["198.19.0.0/24"]))
+            .expect("apply");
+        assert_eq!(fake.form(), Some(NatForm::Split));
+        fake.apply(&state("wg0", true, &[])).expect("no ranges");
+        assert_eq!(fake.form(), None);
+        fake.apply(&state("wg0", true, &["fd00:db8::/32"]))
+            .expect("ranges again");
+        assert_eq!(fake.form(), Some(NatForm::Split));
     }
 }
 
@@ -570,7 +977,7 @@ table inet vpcgate_vpcgate0 {
 mod kernel_tests {
     use super::*;
     use std::fs::File;
-    use std::net::{SocketAddr, TcpListener, TcpStream};
+    use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
     use std::process::Output;
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::time::Duration;
@@ -654,19 +1061,30 @@ mod kernel_tests {
             self.exec(&["nft", "list", "ruleset"])
         }
 
+        /// Every table, as `table <family> <name>`, sorted.
         fn tables(&self) -> Vec<String> {
-            self.exec(&["nft", "list", "tables"])
+            let mut tables: Vec<String> = self
+                .exec(&["nft", "list", "tables"])
                 .lines()
                 .map(|l| l.trim().to_string())
                 .filter(|l| !l.is_empty())
-                .collect()
+                .collect();
+            tables.sort();
+            tables
+        }
+
+        /// Our tables only.
+        fn ours(&self) -> Vec<String> {
+            let mut tables = self.tables();
+            tables.retain(|t| t.contains(TABLE_PREFIX));
+            tables
         }
 
         /// The table listing with handles (`nft -a`), or `None` if absent.
-        fn table(&self, name: &str) -> Option<String> {
+        fn table(&self, family: &str, name: &str) -> Option<String> {
             let out = run(
                 &[
-                    "ip", "netns", "exec", &self.name, "nft", "-a", "list", "table", "inet", name,
+                    "ip", "netns", "exec", &self.name, "nft", "-a", "list", "table", family, name,
                 ],
                 None,
             );
@@ -675,8 +1093,13 @@ mod kernel_tests {
                 .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
         }
 
+        /// Detects the form, as the daemon's does.
         fn nat(&self) -> NftNat {
             NftNat::in_netns(&self.name)
+        }
+
+        fn nat_in(&self, form: NatForm) -> NftNat {
+            NftNat::in_netns(&self.name).force_form(form)
         }
 
         /// Runs `f` on a thread that has entered this namespace; sockets it
@@ -720,9 +1143,22 @@ mod kernel_tests {
     }
 
     const FOREIGN: &str = "table inet other {\n\tchain c {\n\t}\n}\n";
+    const OTHER: &str = "table inet other";
 
     fn foreign_listing(ns: &TestNs) -> String {
         ns.exec(&["nft", "list", "table", "inet", "other"])
+    }
+
+    /// Our table names for `form`, as `TestNs::ours` lists them.
+    fn tables_of(form: NatForm, name: &str) -> Vec<String> {
+        let families: &[&str] = match form {
+            NatForm::Inet => &["inet"],
+            NatForm::Split => &["ip", "ip6"],
+        };
+        families
+            .iter()
+            .map(|f| format!("table {f} {name}"))
+            .collect()
     }
 
     #[test]
@@ -739,7 +1175,10 @@ mod kernel_tests {
             &["198.19.0.0/24", "198.19.8.0/22", "fd00:db8:f::/64"],
         ))
         .expect("first apply");
-        let listing = ns.table(table).expect("table exists");
+        // This kernel and nft take the inet form, so detection picks it.
+        assert_eq!(nat.form(), Some(NatForm::Inet));
+        assert_eq!(ns.ours(), tables_of(NatForm::Inet, table));
+        let listing = ns.table("inet", table).expect("table exists");
         assert!(!listing.contains("comment"), "{listing}");
         assert!(
             listing.contains("elements = { 198.19.0.0/24, 198.19.8.0/22 }"),
@@ -770,11 +1209,11 @@ mod kernel_tests {
             &["198.19.8.0/22", "fd00:db8:f::/64", "198.19.0.0/24"],
         ))
         .expect("same again");
-        assert_eq!(ns.table(table).as_deref(), Some(listing.as_str()));
+        assert_eq!(ns.table("inet", table).as_deref(), Some(listing.as_str()));
 
         nat.apply(&state("vgt0", true, &["198.19.64.0/18"]))
             .expect("new ranges");
-        let listing = ns.table(table).expect("table exists");
+        let listing = ns.table("inet", table).expect("table exists");
         assert!(
             listing.contains("elements = { 198.19.64.0/18 }"),
             "{listing}"
@@ -786,27 +1225,189 @@ mod kernel_tests {
 
         nat.apply(&state("vgt0", false, &["198.19.64.0/18"]))
             .expect("disable");
-        let listing = ns.table(table).expect("table still exists when disabled");
+        let listing = ns
+            .table("inet", table)
+            .expect("table still exists when disabled");
         assert!(!listing.contains("masquerade"), "{listing}");
         assert!(!listing.contains("chain"), "{listing}");
         assert!(
             listing.contains("elements = { 198.19.64.0/18 }"),
             "{listing}"
         );
+        assert_eq!(nat.form(), Some(NatForm::Inet));
         assert_eq!(foreign_listing(&ns), foreign);
 
         nat.remove().expect("remove");
-        assert!(ns.table(table).is_none(), "{}", ns.ruleset());
-        assert_eq!(ns.tables(), vec!["table inet other".to_string()]);
+        assert_eq!(nat.form(), None);
+        assert!(ns.table("inet", table).is_none(), "{}", ns.ruleset());
+        assert_eq!(ns.tables(), vec![OTHER.to_string()]);
         nat.remove().expect("remove again");
         assert_eq!(foreign_listing(&ns), foreign);
 
         // After a removal the same state is applied again for real.
         nat.apply(&state("vgt0", false, &["198.19.64.0/18"]))
             .expect("apply after remove");
-        assert!(ns.table(table).is_some());
+        assert!(ns.table("inet", table).is_some());
         nat.remove().expect("final remove");
-        assert_eq!(ns.tables(), vec!["table inet other".to_string()]);
+        assert_eq!(ns.tables(), vec![OTHER.to_string()]);
+    }
+
+    #[test]
+    fn split_form_creates_ip_and_ip6_tables_and_remove_deletes_both() {
+        let ns = TestNs::new();
+        ns.nft_script(FOREIGN);
+        let foreign = foreign_listing(&ns);
+        let mut nat = ns.nat_in(NatForm::Split);
+        let table = "vpcgate_vgt0";
+
+        nat.apply(&state(
+            "vgt0",
+            true,
+            &["198.19.0.0/24", "198.19.8.0/22", "fd00:db8:f::/64"],
+        ))
+        .expect("apply");
+        assert_eq!(nat.form(), Some(NatForm::Split));
+        assert_eq!(ns.ours(), tables_of(NatForm::Split, table));
+        let ip = ns.table("ip", table).expect("ip table");
+        assert!(
+            ip.contains("elements = { 198.19.0.0/24, 198.19.8.0/22 }"),
+            "{ip}"
+        );
+        // nft lists priority 100 by its name.
+        assert!(
+            ip.contains("type nat hook postrouting priority srcnat; policy accept;"),
+            "{ip}"
+        );
+        assert!(
+            ip.contains("iifname \"vgt0\" ip daddr @ranges4 masquerade"),
+            "{ip}"
+        );
+        assert!(!ip.contains("ranges6"), "{ip}");
+        let ip6 = ns.table("ip6", table).expect("ip6 table");
+        assert!(ip6.contains("elements = { fd00:db8:f::/64 }"), "{ip6}");
+        assert!(
+            ip6.contains("type nat hook postrouting priority srcnat; policy accept;"),
+            "{ip6}"
+        );
+        assert!(
+            ip6.contains("iifname \"vgt0\" ip6 daddr @ranges6 masquerade"),
+            "{ip6}"
+        );
+        assert!(!ip6.contains("ranges4"), "{ip6}");
+
+        // Unchanged: nft is not run.
+        nat.apply(&state(
+            "vgt0",
+            true,
+            &["fd00:db8:f::/64", "198.19.8.0/22", "198.19.0.0/24"],
+        ))
+        .expect("same again");
+        assert_eq!(ns.table("ip", table).as_deref(), Some(ip.as_str()));
+        assert_eq!(ns.table("ip6", table).as_deref(), Some(ip6.as_str()));
+
+        // v4 only: the ip6 table stays, with an empty set.
+        nat.apply(&state("vgt0", true, &["198.19.64.0/18"]))
+            .expect("v4 only");
+        assert_eq!(ns.ours(), tables_of(NatForm::Split, table));
+        let ip6 = ns.table("ip6", table).expect("ip6 table");
+        assert!(!ip6.contains("elements"), "{ip6}");
+        assert!(ip6.contains("masquerade"), "{ip6}");
+
+        nat.apply(&state(
+            "vgt0",
+            false,
+            &["198.19.64.0/18", "fd00:db8:e::/64"],
+        ))
+        .expect("disable");
+        assert_eq!(ns.ours(), tables_of(NatForm::Split, table));
+        for family in ["ip", "ip6"] {
+            let listing = ns.table(family, table).expect("table kept when disabled");
+            assert!(!listing.contains("chain"), "{listing}");
+            assert!(!listing.contains("masquerade"), "{listing}");
+            assert!(listing.contains("elements = "), "{listing}");
+        }
+        assert_eq!(nat.form(), Some(NatForm::Split));
+
+        nat.remove().expect("remove");
+        assert_eq!(nat.form(), None);
+        assert_eq!(ns.tables(), vec![OTHER.to_string()], "{}", ns.ruleset());
+        nat.remove().expect("remove again");
+        assert_eq!(foreign_listing(&ns), foreign);
+    }
+
+    #[test]
+    fn switching_forms_leaves_only_the_current_forms_tables() {
+        let ns = TestNs::new();
+        ns.nft_script(FOREIGN);
+        let table = "vpcgate_vgt0";
+        let s = state("vgt0", true, &["198.19.0.0/24", "fd00:db8:f::/64"]);
+        // A fresh instance per step, as after a restart with another
+        // `--nat-form`: its first apply always runs nft.
+        for form in [NatForm::Inet, NatForm::Split, NatForm::Inet, NatForm::Split] {
+            let mut nat = ns.nat_in(form);
+            nat.apply(&s)
+                .unwrap_or_else(|e| panic!("apply {form}: {e}"));
+            assert_eq!(nat.form(), Some(form));
+            let mut expected = tables_of(form, table);
+            expected.push(OTHER.to_string());
+            expected.sort();
+            assert_eq!(ns.tables(), expected, "{form}: {}", ns.ruleset());
+            let masquerades = ns.ruleset().matches("masquerade").count();
+            assert_eq!(masquerades, 2, "{form}: {}", ns.ruleset());
+        }
+        // Whichever form an instance uses, `remove` deletes both.
+        ns.nat_in(NatForm::Split).apply(&s).expect("split again");
+        let mut inet = ns.nat_in(NatForm::Inet);
+        inet.apply(&state("vgt0", false, &["198.19.0.0/24"]))
+            .expect("inet, disabled");
+        assert_eq!(ns.ours(), tables_of(NatForm::Inet, table));
+        inet.remove().expect("remove");
+        assert_eq!(ns.tables(), vec![OTHER.to_string()]);
+    }
+
+    #[test]
+    fn no_ranges_means_no_table() {
+        for form in [NatForm::Inet, NatForm::Split] {
+            let ns = TestNs::new();
+            ns.nft_script(FOREIGN);
+            let table = "vpcgate_vgt0";
+            let only_other = vec![OTHER.to_string()];
+
+            let mut nat = ns.nat_in(form);
+            nat.apply(&state("vgt0", true, &[]))
+                .expect("no ranges at first");
+            assert_eq!(nat.form(), None);
+            assert_eq!(ns.tables(), only_other, "{form}");
+
+            nat.apply(&state("vgt0", true, &["198.19.0.0/24"]))
+                .expect("ranges");
+            assert_eq!(nat.form(), Some(form));
+            assert_eq!(ns.ours(), tables_of(form, table), "{form}");
+
+            nat.apply(&state("vgt0", true, &[]))
+                .expect("ranges cleared");
+            assert_eq!(nat.form(), None);
+            assert_eq!(ns.tables(), only_other, "{form}: {}", ns.ruleset());
+            nat.apply(&state("vgt0", false, &[]))
+                .expect("cleared and disabled");
+            assert_eq!(ns.tables(), only_other, "{form}");
+
+            nat.apply(&state("vgt0", false, &["fd00:db8:f::/64"]))
+                .expect("ranges again");
+            assert_eq!(nat.form(), Some(form));
+            assert_eq!(ns.ours(), tables_of(form, table), "{form}");
+
+            // A restarted daemon with no ranges deletes the tables the
+            // earlier one left, whatever their form.
+            let foreign = foreign_listing(&ns);
+            let mut fresh = ns.nat();
+            fresh
+                .apply(&state("vgt0", true, &[]))
+                .expect("no ranges over a leftover");
+            assert_eq!(fresh.form(), None);
+            assert_eq!(ns.tables(), only_other, "{form}: {}", ns.ruleset());
+            assert_eq!(foreign_listing(&ns), foreign);
+        }
     }
 
     #[test]
@@ -821,7 +1422,7 @@ mod kernel_tests {
         second
             .apply(&state("vgt0", true, &["198.19.1.0/24"]))
             .expect("apply over leftover");
-        let listing = ns.table("vpcgate_vgt0").expect("table");
+        let listing = ns.table("inet", "vpcgate_vgt0").expect("table");
         assert!(
             listing.contains("elements = { 198.19.1.0/24 }"),
             "{listing}"
@@ -834,20 +1435,33 @@ mod kernel_tests {
     }
 
     #[test]
-    fn changing_interface_moves_the_table_in_one_apply() {
-        let ns = TestNs::new();
-        ns.nft_script(FOREIGN);
-        let mut nat = ns.nat();
-        nat.apply(&state("vgt-a", true, &["198.19.0.0/24"]))
-            .expect("apply a");
-        assert!(ns.table("vpcgate_vgt_ha").is_some());
-        nat.apply(&state("vgt.b", true, &["198.19.0.0/24"]))
-            .expect("apply b");
-        assert!(ns.table("vpcgate_vgt_ha").is_none(), "{}", ns.ruleset());
-        let listing = ns.table("vpcgate_vgt_db").expect("table b");
-        assert!(listing.contains("iifname \"vgt.b\""), "{listing}");
-        nat.remove().expect("remove");
-        assert_eq!(ns.tables(), vec!["table inet other".to_string()]);
+    fn changing_interface_moves_the_tables_in_one_apply() {
+        for form in [NatForm::Inet, NatForm::Split] {
+            let ns = TestNs::new();
+            ns.nft_script(FOREIGN);
+            let mut nat = ns.nat_in(form);
+            nat.apply(&state("vgt-a", true, &["198.19.0.0/24"]))
+                .expect("apply a");
+            assert_eq!(ns.ours(), tables_of(form, "vpcgate_vgt_ha"));
+            nat.apply(&state("vgt.b", true, &["198.19.0.0/24"]))
+                .expect("apply b");
+            assert_eq!(
+                ns.ours(),
+                tables_of(form, "vpcgate_vgt_db"),
+                "{}",
+                ns.ruleset()
+            );
+            assert!(
+                ns.ruleset().contains("iifname \"vgt.b\""),
+                "{}",
+                ns.ruleset()
+            );
+            // Moving to an interface with no ranges leaves nothing.
+            nat.apply(&state("vgt-c", true, &[])).expect("apply c");
+            assert_eq!(ns.tables(), vec![OTHER.to_string()], "{}", ns.ruleset());
+            nat.remove().expect("remove");
+            assert_eq!(ns.tables(), vec![OTHER.to_string()]);
+        }
     }
 
     #[test]
@@ -855,27 +1469,164 @@ mod kernel_tests {
         let ns = TestNs::new();
         ns.nft_script(FOREIGN);
         let before = ns.ruleset();
-        let mut nat = ns.nat();
-        for bad in ["vgt0\" accept", "", "waytoolonginterface0", "a b", "a;b"] {
-            let err = nat
-                .apply(&state(bad, true, &["198.19.0.0/24"]))
-                .expect_err(bad);
-            assert!(matches!(err, NatError::BadInterface { .. }), "{err:?}");
+        for mut nat in [ns.nat(), ns.nat_in(NatForm::Split)] {
+            for bad in ["vgt0\" accept", "", "waytoolonginterface0", "a b", "a;b"] {
+                let err = nat
+                    .apply(&state(bad, true, &["198.19.0.0/24"]))
+                    .expect_err(bad);
+                assert!(matches!(err, NatError::BadInterface { .. }), "{err:?}");
+            }
+            assert_eq!(ns.ruleset(), before);
+            nat.remove().expect("remove");
+            assert_eq!(ns.ruleset(), before);
         }
-        assert_eq!(ns.ruleset(), before);
-        nat.remove().expect("remove");
-        assert_eq!(ns.ruleset(), before);
     }
 
     #[test]
     fn nft_failure_is_reported_and_retried() {
         require_root();
-        let mut nat = NftNat::in_netns(unique("vgnat-missing-"));
+        let missing = unique("vgnat-missing-");
         let s = state("vgt0", true, &["198.19.0.0/24"]);
+        let mut nat = NftNat::in_netns(&missing);
         for _ in 0..2 {
             let err = nat.apply(&s).expect_err("no such netns");
-            assert!(matches!(err, NatError::NftFailed { .. }), "{err:?}");
+            // Both forms were tried, and both failures are reported.
+            match &err {
+                NatError::NftFailed { stderr } => {
+                    assert!(stderr.contains("as one inet table: "), "{stderr}");
+                    assert!(stderr.contains("as ip and ip6 tables: "), "{stderr}");
+                }
+                _ => panic!("{err:?}"),
+            }
+            assert_eq!(nat.form(), None);
+            assert_eq!(nat.settled, None, "a failure settles on no form");
         }
+        let mut forced = NftNat::in_netns(&missing).force_form(NatForm::Split);
+        for _ in 0..2 {
+            let err = forced.apply(&s).expect_err("no such netns");
+            match &err {
+                NatError::NftFailed { stderr } => {
+                    assert!(!stderr.contains("as one inet table"), "{stderr}")
+                }
+                _ => panic!("{err:?}"),
+            }
+            assert_eq!(forced.form(), None);
+        }
+    }
+
+    /// An nft that behaves like one too old for NAT in an inet table: it
+    /// rejects any script naming the `srcnat` priority, which only the
+    /// inet form's NAT chain uses, and hands everything else to the real
+    /// nft. Deleted on drop.
+    struct OldNft {
+        dir: PathBuf,
+        path: PathBuf,
+    }
+
+    impl OldNft {
+        fn new() -> Self {
+            use std::os::unix::fs::PermissionsExt;
+            let real = find_program("nft", NFT_FALLBACK).expect("nft installed");
+            let dir = std::env::temp_dir().join(unique("vgnat-oldnft-"));
+            std::fs::create_dir(&dir).expect("temp dir");
+            let path = dir.join("nft");
+            let text = format!(
+                "#!/bin/sh\n\
+                 input=$(cat)\n\
+                 case \"$input\" in\n\
+                 *'priority srcnat'*)\n\
+                 \techo 'Error: Could not process rule: Operation not supported (simulated old system)' >&2\n\
+                 \texit 1 ;;\n\
+                 esac\n\
+                 printf '%s\\n' \"$input\" | '{}' \"$@\"\n",
+                real.display()
+            );
+            std::fs::write(&path, text).expect("write fake nft");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+                .expect("chmod fake nft");
+            OldNft { dir, path }
+        }
+    }
+
+    impl Drop for OldNft {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    #[test]
+    fn detection_settles_on_inet_only_once_a_nat_chain_was_taken() {
+        let ns = TestNs::new();
+        let table = "vpcgate_vgt0";
+        let mut nat = ns.nat();
+        nat.apply(&state("vgt0", true, &[])).expect("no ranges");
+        assert_eq!((nat.form(), nat.settled), (None, None));
+        nat.apply(&state("vgt0", false, &["198.19.0.0/24"]))
+            .expect("disabled");
+        assert_eq!((nat.form(), nat.settled), (Some(NatForm::Inet), None));
+        nat.apply(&state("vgt0", true, &["198.19.0.0/24"]))
+            .expect("enabled");
+        assert_eq!(
+            (nat.form(), nat.settled),
+            (Some(NatForm::Inet), Some(NatForm::Inet))
+        );
+        assert_eq!(ns.ours(), tables_of(NatForm::Inet, table));
+        nat.remove().expect("remove");
+        assert_eq!(nat.settled, Some(NatForm::Inet), "detection is kept");
+        assert!(ns.tables().is_empty());
+    }
+
+    #[test]
+    fn detection_falls_back_to_split_when_nft_rejects_inet_nat() {
+        let old = OldNft::new();
+        let ns = TestNs::new();
+        ns.nft_script(FOREIGN);
+        let table = "vpcgate_vgt0";
+        let mut nat = ns.nat();
+        nat.nft = Some(old.path.clone());
+
+        // Without a NAT chain the inet table is taken, even here.
+        nat.apply(&state("vgt0", false, &["198.19.0.0/24", "fd00:db8:f::/64"]))
+            .expect("disabled");
+        assert_eq!((nat.form(), nat.settled), (Some(NatForm::Inet), None));
+        assert_eq!(ns.ours(), tables_of(NatForm::Inet, table));
+
+        // Enabling needs NAT, which this nft rejects in an inet table: the
+        // split form replaces the inet table in the same apply.
+        nat.apply(&state("vgt0", true, &["198.19.0.0/24", "fd00:db8:f::/64"]))
+            .expect("enabled");
+        assert_eq!(
+            (nat.form(), nat.settled),
+            (Some(NatForm::Split), Some(NatForm::Split))
+        );
+        assert_eq!(ns.ours(), tables_of(NatForm::Split, table));
+        let ip = ns.table("ip", table).expect("ip table");
+        assert!(ip.contains("ip daddr @ranges4 masquerade"), "{ip}");
+        let ip6 = ns.table("ip6", table).expect("ip6 table");
+        assert!(ip6.contains("ip6 daddr @ranges6 masquerade"), "{ip6}");
+
+        // Settled: later applies use the split form straight away.
+        nat.apply(&state("vgt0", false, &["198.19.0.0/24"]))
+            .expect("disabled again");
+        assert_eq!(nat.form(), Some(NatForm::Split));
+        assert_eq!(ns.ours(), tables_of(NatForm::Split, table));
+        nat.apply(&state("vgt0", true, &[])).expect("no ranges");
+        assert_eq!(nat.form(), None);
+        assert_eq!(ns.ours(), Vec::<String>::new());
+        nat.apply(&state("vgt0", true, &["fd00:db8:f::/64"]))
+            .expect("ranges again");
+        assert_eq!(nat.form(), Some(NatForm::Split));
+        assert_eq!(ns.ours(), tables_of(NatForm::Split, table));
+
+        // A fresh detecting instance on this nft goes straight to split.
+        let mut fresh = ns.nat();
+        fresh.nft = Some(old.path.clone());
+        fresh
+            .apply(&state("vgt0", true, &["198.19.0.0/24"]))
+            .expect("fresh");
+        assert_eq!(fresh.form(), Some(NatForm::Split));
+        fresh.remove().expect("remove");
+        assert_eq!(ns.tables(), vec![OTHER.to_string()]);
     }
 
     fn peer_seen(
@@ -893,11 +1644,20 @@ mod kernel_tests {
         Ok(peer)
     }
 
-    /// client --(veth "TUN")--> gateway --(veth)--> far. The far end has a
-    /// route back to the client's network, so without SNAT connections
-    /// still work and show the client's own address.
     #[test]
-    fn forwarded_traffic_leaves_with_the_gateway_address() {
+    fn forwarded_traffic_leaves_with_the_gateway_address_inet() {
+        forwarded_traffic_leaves_with_the_gateway_address(NatForm::Inet);
+    }
+
+    #[test]
+    fn forwarded_traffic_leaves_with_the_gateway_address_split() {
+        forwarded_traffic_leaves_with_the_gateway_address(NatForm::Split);
+    }
+
+    /// client --(veth "TUN")--> gateway --(veth)--> far, over TCP. The far
+    /// end has a route back to the client's network, so without SNAT
+    /// connections still work and show the client's own address.
+    fn forwarded_traffic_leaves_with_the_gateway_address(form: NatForm) {
         let client = TestNs::new();
         let gw = TestNs::new();
         let far = TestNs::new();
@@ -955,52 +1715,48 @@ mod kernel_tests {
 
         let v4: SocketAddr = "198.19.0.2:0".parse().expect("addr");
         let v6: SocketAddr = "[fd00:db8:f::2]:0".parse().expect("addr");
-        let ip = |s: &str| -> std::net::IpAddr { s.parse().expect("ip") };
+        let ip = |s: &str| -> IpAddr { s.parse().expect("ip") };
+        let seen = |dst: SocketAddr| peer_seen(&client, &far, dst).map(|p| p.ip());
+        let gateway = || (seen(v4), seen(v6));
+        let masqueraded = (Ok(ip("198.19.0.1")), Ok(ip("fd00:db8:f::1")));
+        let unchanged = (Ok(ip("198.18.1.2")), Ok(ip("fd00:db8:c::2")));
+        let ours = tables_of(form, "vpcgate_vgtun0");
 
-        let mut nat = gw.nat();
+        let mut nat = gw.nat_in(form);
         nat.apply(&state(tun, true, &["198.19.0.0/24", "fd00:db8:f::/64"]))
             .expect("apply");
-        assert_eq!(
-            peer_seen(&client, &far, v4).map(|p| p.ip()),
-            Ok(ip("198.19.0.1"))
-        );
-        assert_eq!(
-            peer_seen(&client, &far, v6).map(|p| p.ip()),
-            Ok(ip("fd00:db8:f::1"))
-        );
+        assert_eq!(nat.form(), Some(form));
+        assert_eq!(gw.ours(), ours);
+        assert_eq!(gateway(), masqueraded, "{form}");
 
         // Destinations outside the ranges keep the client's address.
         nat.apply(&state(tun, true, &["198.19.128.0/17", "fd00:db8:e::/64"]))
             .expect("other ranges");
-        assert_eq!(
-            peer_seen(&client, &far, v4).map(|p| p.ip()),
-            Ok(ip("198.18.1.2"))
-        );
-        assert_eq!(
-            peer_seen(&client, &far, v6).map(|p| p.ip()),
-            Ok(ip("fd00:db8:c::2"))
-        );
+        assert_eq!(gateway(), unchanged, "{form}");
 
         // Disabled: no masquerade even for the ranges.
         nat.apply(&state(tun, false, &["198.19.0.0/24", "fd00:db8:f::/64"]))
             .expect("disable");
-        assert_eq!(
-            peer_seen(&client, &far, v4).map(|p| p.ip()),
-            Ok(ip("198.18.1.2"))
-        );
-        assert_eq!(
-            peer_seen(&client, &far, v6).map(|p| p.ip()),
-            Ok(ip("fd00:db8:c::2"))
-        );
+        assert_eq!(gateway(), unchanged, "{form}");
+
+        // No ranges: no table, no masquerade; ranges again bring both back.
+        nat.apply(&state(tun, true, &[])).expect("no ranges");
+        assert!(gw.tables().is_empty(), "{}", gw.ruleset());
+        assert_eq!(gateway(), unchanged, "{form}");
+        nat.apply(&state(tun, true, &["198.19.0.0/24", "fd00:db8:f::/64"]))
+            .expect("ranges again");
+        assert_eq!(gw.ours(), ours);
+        assert_eq!(gateway(), masqueraded, "{form}");
 
         // Traffic from another interface is not ours to masquerade: rename
         // the rule's interface away from the one the client uses.
-        nat.apply(&state("vgother0", true, &["198.19.0.0/24"]))
-            .expect("other iif");
-        assert_eq!(
-            peer_seen(&client, &far, v4).map(|p| p.ip()),
-            Ok(ip("198.18.1.2"))
-        );
+        nat.apply(&state(
+            "vgother0",
+            true,
+            &["198.19.0.0/24", "fd00:db8:f::/64"],
+        ))
+        .expect("other iif");
+        assert_eq!(gateway(), unchanged, "{form}");
 
         nat.remove().expect("remove");
         assert!(gw.tables().is_empty(), "{}", gw.ruleset());

@@ -1,8 +1,14 @@
 //! Interface configuration through rtnetlink: the TUN's address, MTU and
-//! link state. No `ip` command is ever run.
+//! link state, and a subscription to the kernel's address and link events so
+//! that changes made with ip(8) are followed. No `ip` command is ever run.
 
-use futures::TryStreamExt;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+
+use futures::{StreamExt, TryStreamExt};
 use ipnet::IpNet;
+use netlink_packet_route::address::AddressMessage;
 use rtnetlink::Handle;
 
 #[derive(Debug, thiserror::Error)]
@@ -21,9 +27,40 @@ pub enum NetlinkError {
 /// Learned routes get this metric, above the kernel's connected routes.
 const LEARNED_ROUTE_METRIC: u32 = 100;
 
+/// Link and address changes, from [`Netlink::watch`]. Dropping it closes
+/// the subscription.
+pub struct Changes {
+    messages: std::pin::Pin<Box<dyn futures::Stream<Item = ()> + Send>>,
+    connection: tokio::task::JoinHandle<()>,
+}
+
+impl futures::Stream for Changes {
+    type Item = ();
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<()>> {
+        self.messages.as_mut().poll_next(cx)
+    }
+}
+
+impl Drop for Changes {
+    fn drop(&mut self) {
+        self.connection.abort();
+    }
+}
+
+#[derive(Clone)]
 pub struct Netlink {
     handle: Handle,
 }
+
+/// The kernel's multicast groups for link changes and IPv4 and IPv6
+/// address changes (`RTMGRP_*`).
+const WATCHED_GROUPS: u32 = rtnetlink::constants::RTMGRP_LINK
+    | rtnetlink::constants::RTMGRP_IPV4_IFADDR
+    | rtnetlink::constants::RTMGRP_IPV6_IFADDR;
 
 impl Netlink {
     /// Opens a netlink connection; the connection task runs on the current
@@ -32,6 +69,24 @@ impl Netlink {
         let (connection, handle, _) = rtnetlink::new_connection()?;
         tokio::spawn(connection);
         Ok(Netlink { handle })
+    }
+
+    /// Subscribes to link and address changes in this namespace: one item
+    /// per change. What changed is read afresh through [`Netlink`]: changes
+    /// are rare, and a re-read cannot miss what a parser might misread.
+    /// Subscribe before reading the state the changes apply to, so that
+    /// nothing falls in between.
+    pub fn watch() -> Result<Changes, NetlinkError> {
+        use netlink_sys::AsyncSocket as _;
+        let (mut connection, _handle, messages) = rtnetlink::new_connection()?;
+        connection
+            .socket_mut()
+            .socket_mut()
+            .bind(&netlink_sys::SocketAddr::new(0, WATCHED_GROUPS))?;
+        Ok(Changes {
+            messages: Box::pin(messages.map(|_| ())),
+            connection: tokio::spawn(connection),
+        })
     }
 
     pub async fn link_index(&self, name: &str) -> Result<u32, NetlinkError> {
@@ -49,10 +104,21 @@ impl Netlink {
         }
     }
 
-    /// Makes the link carry exactly `addresses` (besides the IPv6
-    /// link-local address the kernel assigns itself): missing ones are
-    /// added, others removed, and ones already present are left alone.
-    async fn set_addresses(&self, index: u32, addresses: &[IpNet]) -> Result<(), NetlinkError> {
+    /// The link's addresses, with their prefix lengths, except IPv6
+    /// link-local ones (which the kernel assigns itself).
+    pub async fn addresses(&self, index: u32) -> Result<Vec<IpNet>, NetlinkError> {
+        Ok(self
+            .address_messages(index)
+            .await?
+            .into_iter()
+            .filter_map(|(net, _)| net)
+            .collect())
+    }
+
+    async fn address_messages(
+        &self,
+        index: u32,
+    ) -> Result<Vec<(Option<IpNet>, AddressMessage)>, NetlinkError> {
         use netlink_packet_route::address::{AddressAttribute, AddressScope};
         let mut existing = self
             .handle
@@ -60,8 +126,7 @@ impl Netlink {
             .get()
             .set_link_index_filter(index)
             .execute();
-        let mut present = Vec::new();
-        let mut stale = Vec::new();
+        let mut found = Vec::new();
         while let Some(msg) = existing
             .try_next()
             .await
@@ -70,18 +135,38 @@ impl Netlink {
                 source,
             })?
         {
-            if msg.header.scope == AddressScope::Link {
+            // The filter is applied in userspace by older kernels' replies.
+            if msg.header.scope == AddressScope::Link || msg.header.index != index {
                 continue;
             }
             let addr = msg.attributes.iter().find_map(|a| match a {
                 AddressAttribute::Address(ip) => IpNet::new(*ip, msg.header.prefix_len).ok(),
                 _ => None,
             });
+            found.push((addr, msg));
+        }
+        Ok(found)
+    }
+
+    /// Replaces the addresses we set (`old`) with `new` on the link. Other
+    /// addresses, such as ones added with ip(8), are left alone, and ones
+    /// already present are not touched.
+    async fn set_addresses(
+        &self,
+        index: u32,
+        old: &[IpNet],
+        new: &[IpNet],
+    ) -> Result<(), NetlinkError> {
+        let mut present = Vec::new();
+        let mut stale = Vec::new();
+        for (addr, msg) in self.address_messages(index).await? {
             match addr {
-                Some(net) if addresses.contains(&net) => present.push(net),
-                _ => stale.push(msg),
+                Some(net) if new.contains(&net) => present.push(net),
+                Some(net) if old.contains(&net) => stale.push(msg),
+                _ => {}
             }
         }
+        let addresses = new;
         for msg in stale {
             self.handle
                 .address()
@@ -106,15 +191,36 @@ impl Netlink {
         }
         Ok(())
     }
-    /// Configures every tunnel address (one per family) on the link.
+    /// Puts the tunnel addresses `new` on the link in place of `old`, sets
+    /// the MTU and brings the link up.
     pub async fn configure_all(
         &self,
         index: u32,
-        addresses: &[IpNet],
+        old: &[IpNet],
+        new: &[IpNet],
         mtu: u32,
     ) -> Result<(), NetlinkError> {
-        self.set_addresses(index, addresses).await?;
+        self.set_addresses(index, old, new).await?;
         self.set_mtu_up(index, mtu).await
+    }
+
+    /// The link's MTU; `None` if the link is not in this namespace (deleted,
+    /// or moved to another one).
+    pub async fn mtu(&self, index: u32) -> Result<Option<u32>, NetlinkError> {
+        use netlink_packet_route::link::LinkAttribute;
+        let mut links = self.handle.link().get().match_index(index).execute();
+        match links.try_next().await {
+            Ok(Some(link)) => Ok(link.attributes.iter().find_map(|a| match a {
+                LinkAttribute::Mtu(mtu) => Some(*mtu),
+                _ => None,
+            })),
+            Ok(None) => Ok(None),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+            Err(source) => Err(NetlinkError::Request {
+                what: "reading the link",
+                source,
+            }),
+        }
     }
 
     async fn set_mtu_up(&self, index: u32, mtu: u32) -> Result<(), NetlinkError> {
@@ -207,4 +313,66 @@ impl Netlink {
         }
         Ok(networks)
     }
+}
+
+/// `TUNGETIFF`: the device's current name and flags.
+const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
+/// `TUNGETDEVNETNS` (Linux 5.2): a descriptor of the network namespace the
+/// device is in now.
+const TUNGETDEVNETNS: libc::c_ulong = 0x54e3;
+
+/// The TUN device's current name (ip(8) may have renamed it).
+pub fn tun_name(tun: BorrowedFd<'_>) -> io::Result<String> {
+    // SAFETY: an all-zero `ifreq` is valid.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    // SAFETY: TUNGETIFF writes one `ifreq` into the live struct we pass.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNGETIFF, &mut ifr) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let name: Vec<u8> = ifr
+        .ifr_name
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
+    String::from_utf8(name).map_err(|_| io::Error::other("the TUN's name is not UTF-8"))
+}
+
+/// The network namespace the TUN device is in now: a device can be moved
+/// with `ip link set IF netns NS` while we keep its descriptor.
+pub fn tun_namespace(tun: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    // SAFETY: TUNGETDEVNETNS takes no argument and returns a new descriptor.
+    let fd = unsafe { libc::ioctl(tun.as_raw_fd(), TUNGETDEVNETNS) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just opened `fd` for us, and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Whether `ns` is the namespace this thread is in.
+pub fn is_current_namespace(ns: BorrowedFd<'_>) -> io::Result<bool> {
+    let here = std::fs::metadata(CURRENT_NAMESPACE)?;
+    let there = nix::sys::stat::fstat(ns.as_raw_fd())?;
+    Ok(here.dev() == there.st_dev && here.ino() == there.st_ino)
+}
+
+const CURRENT_NAMESPACE: &str = "/proc/thread-self/ns/net";
+
+/// Runs `open` with this thread in namespace `ns`, then comes back. Sockets
+/// made by `open` stay in `ns`. Needs CAP_SYS_ADMIN.
+pub fn in_namespace<T>(
+    ns: BorrowedFd<'_>,
+    open: impl FnOnce() -> Result<T, NetlinkError>,
+) -> io::Result<Result<T, NetlinkError>> {
+    use nix::sched::{setns, CloneFlags};
+    let home = std::fs::File::open(CURRENT_NAMESPACE)?;
+    setns(ns, CloneFlags::CLONE_NEWNET)?;
+    let opened = open();
+    if let Err(e) = setns(&home, CloneFlags::CLONE_NEWNET) {
+        // Everything this thread opens from now on would land there.
+        tracing::error!("cannot return to our network namespace: {e}");
+        std::process::abort();
+    }
+    Ok(opened)
 }

@@ -157,6 +157,16 @@ impl StateDir {
         }
     }
 
+    /// Loads the private key if one was saved; a plain interface starts
+    /// without one, as wireguard-go does, until `wg` sets it.
+    pub fn load_key(&self) -> Result<Option<Key>, StateError> {
+        let path = self.path(KEY_FILE);
+        match read_optional(&path)? {
+            Some(text) => Ok(Some(parse_key_file(&text).map_err(|e| corrupt(path, e))?)),
+            None => Ok(None),
+        }
+    }
+
     pub fn save_key(&self, key: &Key) -> Result<(), StateError> {
         write_atomic(&self.path(KEY_FILE), encode_key_file(key).as_bytes())
     }

@@ -145,6 +145,10 @@ pub struct Status {
     pub advertised_routes: Vec<String>,
     pub accepted_routes: Vec<String>,
     pub snat: bool,
+    /// The nftables form of the SNAT table (`inet`, or `ip+ip6` on older
+    /// systems); `None` while there is no table (no advertised ranges).
+    #[serde(default)]
+    pub snat_form: Option<String>,
     pub mss_clamp: bool,
     pub warnings: Vec<String>,
     pub peers: Vec<PeerStatus>,

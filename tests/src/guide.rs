@@ -633,8 +633,9 @@ pub fn wg_quick_strip(ns: &Netns, conf: &Path) -> Result<String> {
 }
 
 /// A stock WireGuard client brought up by `wg-quick up` with wireguard-go
-/// as the userspace implementation (there is no kernel module here; the
-/// variable makes the choice explicit). Dropping it runs `wg-quick down`.
+/// (or vpcgated) as the userspace implementation (there is no kernel module
+/// here; the variable makes the choice explicit). Dropping it runs
+/// `wg-quick down`.
 pub struct WgQuick {
     ns: Netns,
     iface: String,
@@ -645,6 +646,12 @@ pub struct WgQuick {
 
 impl WgQuick {
     pub fn up(ns: &Netns, conf: &ClientConf) -> Result<WgQuick> {
+        WgQuick::up_with(ns, conf, "wireguard-go")
+    }
+
+    /// `wg-quick up` with `implementation` (a command wg-quick runs as
+    /// `IMPLEMENTATION IFNAME`) in `WG_QUICK_USERSPACE_IMPLEMENTATION`.
+    pub fn up_with(ns: &Netns, conf: &ClientConf, implementation: &str) -> Result<WgQuick> {
         for key in HOST_TOUCHING_KEYS {
             if !conf.interface(key).is_empty() {
                 bail!("refusing to run wg-quick on a config with {key} (it acts outside the namespace):\n{}", conf.text);
@@ -664,8 +671,9 @@ impl WgQuick {
                 "env",
                 "-u",
                 "WG_PROCESS_FOREGROUND",
-                "WG_QUICK_USERSPACE_IMPLEMENTATION=wireguard-go",
+                &format!("WG_QUICK_USERSPACE_IMPLEMENTATION={implementation}"),
                 "LOG_LEVEL=verbose",
+                "VPCGATE_LOG=debug",
                 "wg-quick",
                 "up",
                 &path_s,
@@ -713,12 +721,12 @@ impl WgQuick {
         &self.ns
     }
 
-    /// The wg-quick output and wireguard-go's log so far.
+    /// The wg-quick output and the daemon's log so far.
     pub fn log_tail(&self) -> String {
         self.up_log.log_tail(16 * 1024)
     }
 
-    /// `wg-quick down FILE`; deleting the link makes wireguard-go exit.
+    /// `wg-quick down FILE`; deleting the link makes the daemon exit.
     pub fn down(&mut self) -> Result<()> {
         if !self.up {
             return Ok(());
@@ -730,7 +738,7 @@ impl WgQuick {
         let sock = Path::new(UAPI_DIR).join(format!("{}.sock", self.iface));
         wait_until(
             Duration::from_secs(5),
-            &format!("wireguard-go to remove {}", sock.display()),
+            &format!("the daemon to remove {}", sock.display()),
             || Ok(!sock.exists()),
         )
     }

@@ -27,6 +27,9 @@ pub enum Impl {
     WireguardGo,
     /// The daemon under test.
     Vpcgated,
+    /// The daemon under test as a plain WireGuard interface (`vpcgated
+    /// IFNAME`), configured with `wg` and `ip` exactly as wireguard-go is.
+    VpcgatedPlain,
 }
 
 /// Which side is told the other's endpoint (and so can initiate).
@@ -139,8 +142,12 @@ pub fn start_node(ns: Netns, imp: Impl, index: u8, spec: &PairSpec) -> Result<No
     }
     let role = if index == 1 { "a" } else { "b" };
     let (dev, public_key) = match imp {
-        Impl::WireguardGo => {
-            let dev = WgDev::wireguard_go(&ns, &format!("w{role}"))?;
+        Impl::WireguardGo | Impl::VpcgatedPlain => {
+            let dev = if imp == Impl::WireguardGo {
+                WgDev::wireguard_go(&ns, &format!("w{role}"))?
+            } else {
+                WgDev::vpcgated_plain(&ns, &format!("p{role}"))?
+            };
             let key = gen_keypair()?;
             let addr_refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
             dev.configure(&key, port, &addr_refs)?;

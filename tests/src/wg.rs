@@ -331,6 +331,44 @@ impl WgDev {
         Ok(dev)
     }
 
+    /// Starts `vpcgated IFNAME` in the foreground: a plain WireGuard
+    /// interface, as wg-quick starts it, and waits until `wg` can talk to
+    /// it. Like [`WgDev::wireguard_go`], it has no key, address or peers
+    /// yet; [`WgDev::configure`] sets them with `wg` and `ip`.
+    pub fn vpcgated_plain(ns: &Netns, tag: &str) -> Result<WgDev> {
+        let bin = vpcgated_bin()?.to_string_lossy().into_owned();
+        let name = unique_ifname(tag);
+        let state_dir = ns.dir().join(format!("state-{name}"));
+        let control_socket = ns.dir().join(format!("{name}.ctl"));
+        let state_s = state_dir.to_string_lossy().into_owned();
+        let sock_s = control_socket.to_string_lossy().into_owned();
+        let proc = ns.spawn(
+            &format!("vpcgated-{name}"),
+            &[
+                &bin,
+                "--foreground",
+                "--state-dir",
+                &state_s,
+                "--socket",
+                &sock_s,
+                "--log-level",
+                "debug",
+                &name,
+            ],
+            &[("RUST_BACKTRACE", "1")],
+        )?;
+        let mut dev = WgDev {
+            ns: ns.clone(),
+            name,
+            proc,
+            state_dir: Some(state_dir),
+            control_socket: Some(control_socket),
+            stale_socket: None,
+        };
+        dev.wait_ready()?;
+        Ok(dev)
+    }
+
     /// Starts `vpcgated` and waits until its UAPI socket answers `wg show`
     /// and its TUN is up with the configured address and MTU 1420 (with
     /// [`VpcgatedConfig::saved_settings`], with the saved ones).

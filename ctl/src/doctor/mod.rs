@@ -98,6 +98,8 @@ pub struct DaemonView {
     pub listen_port: u16,
     pub ranges: Vec<Prefix>,
     pub snat: bool,
+    /// The SNAT table's nftables form (`inet` or `ip+ip6`), if it has one.
+    pub snat_form: Option<String>,
     /// What vpcgated set on its TUN; the interface's own MTU is preferred.
     pub mtu: u32,
     /// The tunnel networks, e.g. 100.64.0.0/24.
@@ -115,6 +117,7 @@ impl DaemonView {
                 .filter_map(|r| Prefix::parse(r))
                 .collect(),
             snat: status.snat,
+            snat_form: status.snat_form.clone(),
             mtu: status.mtu,
             tunnel_networks: status
                 .addresses
@@ -150,7 +153,11 @@ fn daemon_check(socket: &Path, view: &Result<DaemonView, String>) -> Check {
                 1 => "1 advertised range".to_string(),
                 n => format!("{n} advertised ranges"),
             };
-            let snat = if v.snat { "on" } else { "off" };
+            let snat = match (v.snat, &v.snat_form) {
+                (false, _) => "off".to_string(),
+                (true, Some(form)) => format!("on ({form} nftables)"),
+                (true, None) => "on".to_string(),
+            };
             Check::new(
                 id,
                 Level::Ok,
