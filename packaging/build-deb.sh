@@ -12,6 +12,11 @@
 # gcc-aarch64-linux-gnu (arm64: the cross linker and C compiler), and dpkg-deb
 # and readelf (binutils). Running it again rebuilds and replaces the package.
 #
+# The man pages and shell completions come from the binaries themselves, so
+# the build runs them: natively, through binfmt_misc or under
+# qemu-user-static (qemu-aarch64-static for arm64 on x86_64). Where none of
+# those works, it also builds them for this machine and runs those.
+#
 # Environment:
 #   VPCGATE_PKG_TARGET_DIR  cargo's target directory for these builds
 #                           (default target/musl: apart from the usual
@@ -122,6 +127,13 @@ workspace_field() {
 }
 homepage=$(workspace_field repository)
 
+# File dates in the package, and the date in the man pages.
+if [ -z "${SOURCE_DATE_EPOCH:-}" ]; then
+    SOURCE_DATE_EPOCH=$(git -C "$root" log -1 --format=%ct 2>/dev/null ||
+        stat -c %Y "$root/Cargo.lock")
+fi
+export SOURCE_DATE_EPOCH
+
 # --- build ------------------------------------------------------------------
 
 note "building vpcgated and vpcgate $cargo_version for $target"
@@ -150,6 +162,36 @@ for bin in vpcgated vpcgate; do
     fi
 done
 
+# --- what runs here ---------------------------------------------------------
+
+# The man pages and completions are written by the binaries, from the clap
+# definitions they parse with; those are the same for every architecture.
+case "$arch" in
+    amd64) machine=x86_64 ;;
+    arm64) machine=aarch64 ;;
+esac
+gen_dir=$bin_dir
+gen_runner=()
+if ! "$bin_dir/vpcgate" --version >/dev/null 2>&1; then
+    if command -v "qemu-$machine-static" >/dev/null 2>&1 &&
+        "qemu-$machine-static" "$bin_dir/vpcgate" --version >/dev/null 2>&1; then
+        gen_runner=("qemu-$machine-static")
+    else
+        host=$(rustc -vV | sed -n 's/^host: //p')
+        [ -n "$host" ] || die "cannot tell this machine's Rust target (rustc -vV)"
+        note "cannot run $arch binaries here (no qemu-user-static?); building for $host to write the man pages and completions"
+        cargo build --release --locked --target "$host" --target-dir "$target_dir" \
+            -p vpcgated -p vpcgate --bins >&2 || die "cargo build for $host failed"
+        gen_dir=$target_dir/$host/release
+    fi
+fi
+# generate BIN ARG...: runs BIN from gen_dir.
+generate() {
+    local bin=$1
+    shift
+    ${gen_runner[@]+"${gen_runner[@]}"} "$gen_dir/$bin" "$@"
+}
+
 # --- package tree -----------------------------------------------------------
 
 stage=$(mktemp -d "${TMPDIR:-/tmp}/vpcgate-deb.XXXXXX")
@@ -159,6 +201,40 @@ install -D -m 0755 "$bin_dir/vpcgated" "$stage/usr/bin/vpcgated"
 install -D -m 0755 "$bin_dir/vpcgate" "$stage/usr/bin/vpcgate"
 install -D -m 0644 "$root/systemd/vpcgated.service" "$stage/lib/systemd/system/vpcgated.service"
 install -D -m 0644 "$pkg/sysctl.d/90-vpcgate.conf" "$stage/usr/lib/sysctl.d/90-vpcgate.conf"
+
+# Section 8 for both: the daemon, and a CLI that needs root or the vpcgate
+# group. vpcgate has a page per subcommand (vpcgate-peer-add.8, ...), which
+# vpcgate.8 names.
+man8=$stage/usr/share/man/man8
+generate vpcgated --generate-man-pages "$man8" >&2 || die "vpcgated --generate-man-pages failed"
+generate vpcgate generate-man-pages "$man8" >&2 || die "vpcgate generate-man-pages failed"
+for page in vpcgated.8 vpcgate.8; do
+    [ -s "$man8/$page" ] || die "no $page was generated"
+done
+# -n: no name or time stamp in the gzip header, so the bytes are reproducible.
+gzip -9n "$man8"/*.8
+chmod 0644 "$man8"/*.8.gz
+
+share=$stage/usr/share
+install -d -m 0755 "$share/bash-completion/completions" "$share/zsh/vendor-completions" \
+    "$share/fish/vendor_completions.d"
+for bin in vpcgated vpcgate; do
+    case "$bin" in
+        vpcgated) how=(--generate-completions) ;;
+        vpcgate) how=(completions) ;;
+    esac
+    for shell in bash zsh fish; do
+        case "$shell" in
+            bash) file=$share/bash-completion/completions/$bin ;;
+            zsh) file=$share/zsh/vendor-completions/_$bin ;;
+            fish) file=$share/fish/vendor_completions.d/$bin.fish ;;
+        esac
+        generate "$bin" "${how[@]}" "$shell" >"$file" || die "$bin ${how[*]} $shell failed"
+        [ -s "$file" ] || die "$bin ${how[*]} $shell wrote nothing"
+        chmod 0644 "$file"
+    done
+done
+
 doc=$stage/usr/share/doc/vpcgate
 install -D -m 0644 "$root/README.md" "$doc/README.md"
 install -D -m 0644 "$pkg/README.md" "$doc/README.packaging.md"
@@ -215,11 +291,6 @@ EOF
     xargs -0 md5sum) >"$stage/DEBIAN/md5sums"
 chmod 0644 "$stage/DEBIAN/control" "$stage/DEBIAN/md5sums"
 
-if [ -z "${SOURCE_DATE_EPOCH:-}" ]; then
-    SOURCE_DATE_EPOCH=$(git -C "$root" log -1 --format=%ct 2>/dev/null ||
-        stat -c %Y "$root/Cargo.lock")
-fi
-export SOURCE_DATE_EPOCH
 find "$stage" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
 
 # --- the .deb ---------------------------------------------------------------

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use vpcgate_proto::{self as proto, PeerAdd, PeerStatus, Request, Response, SetOptions, Status};
 
 /// Control a vpcgated WireGuard subnet router.
@@ -66,9 +66,19 @@ enum Cmd {
         #[arg(long, env = doctor::DMI_DIR_ENV, default_value = doctor::DEFAULT_DMI_DIR)]
         dmi_dir: PathBuf,
     },
+    /// Print the completion script for SHELL (the package installs bash's,
+    /// zsh's and fish's).
+    Completions {
+        #[arg(value_enum)]
+        shell: vpcgate_clidoc::Shell,
+    },
     /// Decode a QR code printed by `--qr` from stdin (for tests).
     #[command(hide = true)]
     QrDecode,
+    /// Write the manual pages, vpcgate.8 and one per subcommand, into DIR
+    /// (for the package build).
+    #[command(hide = true)]
+    GenerateManPages { dir: PathBuf },
 }
 
 #[derive(Args, Debug)]
@@ -253,8 +263,13 @@ fn print_status(status: &Status) {
         println!();
         println!("dropped packets: {}", drops.join(" "));
     }
-    for warning in &status.warnings {
-        eprintln!("warning: {warning}");
+    // Part of the report, so on stdout after it: on stderr they could land
+    // anywhere in a capture that merges the two.
+    if !status.warnings.is_empty() {
+        println!();
+        for warning in &status.warnings {
+            println!("warning: {warning}");
+        }
     }
 }
 
@@ -337,6 +352,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             metadata_endpoint,
             dmi_dir,
         })?,
+        Cmd::Completions { shell } => {
+            use std::io::Write;
+            let script = vpcgate_clidoc::completion(&Cli::command(), shell);
+            let mut out = std::io::stdout().lock();
+            out.write_all(&script)?;
+            out.flush()?;
+        }
+        Cmd::GenerateManPages { dir } => {
+            let see_also = ["vpcgated(8)", "wg(8)"];
+            vpcgate_clidoc::write_man_pages(Cli::command(), "8", &see_also, &dir)?;
+        }
         Cmd::QrDecode => {
             let mut text = String::new();
             std::io::stdin().read_to_string(&mut text)?;

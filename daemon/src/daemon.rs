@@ -547,9 +547,26 @@ impl Daemon {
         self.commit_settings(&mut inner, settings).await?;
         let listed: Vec<String> = routes.iter().map(ToString::to_string).collect();
         tracing::info!(routes = %listed.join(","), "advertised routes changed");
+        let mut warnings = forwarding_warnings(&inner.settings);
+        let link = self.link();
+        match link.netlink.routes_elsewhere(link.index).await {
+            Ok(host_routes) => {
+                let mut tunnel = tunnel_networks(&inner.settings);
+                tunnel.extend(inner.link.networks.iter().copied());
+                tunnel.sort();
+                tunnel.dedup();
+                warnings.extend(subnet::tunnel_overlap_warnings(&tunnel, &host_routes));
+            }
+            Err(e) => {
+                tracing::warn!("cannot check the tunnel network against this host's routes: {e}")
+            }
+        }
+        for warning in &warnings {
+            tracing::warn!("{warning}");
+        }
         Ok(Response::Routes {
             routes: listed,
-            warnings: forwarding_warnings(&inner.settings),
+            warnings,
         })
     }
 

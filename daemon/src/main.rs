@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use ipnet::IpNet;
 use tracing_subscriber::EnvFilter;
 use vpcgated::daemon::{self, Options};
@@ -74,6 +74,41 @@ pub struct Args {
     /// Overrides VPCGATE_LOG.
     #[arg(long)]
     log_level: Option<String>,
+    /// Write the manual page, vpcgated.8, into DIR, and exit (for the
+    /// package build).
+    #[arg(long, hide = true, exclusive = true, value_name = "DIR")]
+    generate_man_pages: Option<PathBuf>,
+    /// Print the completion script for SHELL, and exit (for the package
+    /// build).
+    #[arg(long, hide = true, exclusive = true, value_enum, value_name = "SHELL")]
+    generate_completions: Option<vpcgate_clidoc::Shell>,
+}
+
+/// `--generate-man-pages` and `--generate-completions`: what the package
+/// ships, from the definitions above. Nothing else runs.
+fn generate(args: &Args) -> Option<ExitCode> {
+    use std::io::Write;
+    let result = if let Some(dir) = &args.generate_man_pages {
+        let see_also = ["vpcgate(8)", "wg(8)", "wg-quick(8)"];
+        vpcgate_clidoc::write_man_pages(Args::command(), "8", &see_also, dir)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    } else if let Some(shell) = args.generate_completions {
+        let script = vpcgate_clidoc::completion(&Args::command(), shell);
+        let mut out = std::io::stdout().lock();
+        out.write_all(&script)
+            .and_then(|()| out.flush())
+            .map_err(|e| format!("cannot write the completion script: {e}"))
+    } else {
+        return None;
+    };
+    Some(match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vpcgated: {e}");
+            ExitCode::FAILURE
+        }
+    })
 }
 
 fn parse_nat_form(text: &str) -> Result<NatForm, String> {
@@ -201,6 +236,9 @@ fn answered_by(path: &Path, pid: u32) -> bool {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(code) = generate(&args) {
+        return code;
+    }
     let foreground =
         args.foreground || std::env::var("WG_PROCESS_FOREGROUND").is_ok_and(|v| v == "1");
     if let (Some(ifname), false) = (&args.ifname, foreground) {
@@ -290,6 +328,50 @@ fn main() -> ExitCode {
         Err(e) => {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generation_options_are_hidden_and_stand_alone() {
+        Args::command().debug_assert();
+        let args = Args::try_parse_from(["vpcgated", "--generate-completions", "zsh"])
+            .expect("--generate-completions alone");
+        assert_eq!(args.generate_completions, Some(vpcgate_clidoc::Shell::Zsh));
+        let args = Args::try_parse_from(["vpcgated", "wg0"]).expect("IFNAME alone");
+        assert_eq!(args.ifname.as_deref(), Some("wg0"));
+        assert!(args.generate_man_pages.is_none() && args.generate_completions.is_none());
+        for with_more in [
+            &["--generate-completions", "bash", "wg0"][..],
+            &["--generate-man-pages", "/tmp/x", "--foreground"][..],
+        ] {
+            let argv = std::iter::once("vpcgated").chain(with_more.iter().copied());
+            assert!(Args::try_parse_from(argv).is_err(), "{with_more:?}");
+        }
+        let help = Args::command().render_long_help().to_string();
+        assert!(!help.contains("--generate"), "{help}");
+    }
+
+    #[test]
+    fn man_page_and_completions_document_the_flags() {
+        let pages =
+            vpcgate_clidoc::man_pages(Args::command(), "8", "2024-01-01", &[]).expect("render");
+        let names: Vec<&str> = pages.iter().map(|p| p.file_name.as_str()).collect();
+        assert_eq!(names, ["vpcgated.8"]);
+        let roff = String::from_utf8_lossy(&pages[0].roff).replace("\\-", "-");
+        for needle in ["--nat-form", "--socket-group", "IFNAME", "ip+ip6"] {
+            assert!(roff.contains(needle), "no {needle} in:\n{roff}");
+        }
+        assert!(!roff.contains("--generate"), "{roff}");
+        for shell in [vpcgate_clidoc::Shell::Bash, vpcgate_clidoc::Shell::Fish] {
+            let script = vpcgate_clidoc::completion(&Args::command(), shell);
+            let script = String::from_utf8_lossy(&script);
+            assert!(script.contains("nat-form"), "{shell}: {script}");
+            assert!(!script.contains("generate"), "{shell}: {script}");
         }
     }
 }

@@ -285,6 +285,66 @@ impl Netlink {
             })
     }
 
+    /// The main table's unicast routes through links other than `exclude`,
+    /// default routes aside: each destination with the name of its link.
+    pub async fn routes_elsewhere(
+        &self,
+        exclude: u32,
+    ) -> Result<Vec<(IpNet, String)>, NetlinkError> {
+        use netlink_packet_route::link::LinkAttribute;
+        use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteType};
+        let failed = |what| move |source| NetlinkError::Request { what, source };
+        let mut names = std::collections::HashMap::new();
+        let mut links = self.handle.link().get().execute();
+        while let Some(link) = links.try_next().await.map_err(failed("listing links"))? {
+            for attr in &link.attributes {
+                if let LinkAttribute::IfName(name) = attr {
+                    names.insert(link.header.index, name.clone());
+                }
+            }
+        }
+        let mut found = Vec::new();
+        for version in [rtnetlink::IpVersion::V4, rtnetlink::IpVersion::V6] {
+            let mut routes = self.handle.route().get(version).execute();
+            while let Some(msg) = routes.try_next().await.map_err(failed("listing routes"))? {
+                let len = msg.header.destination_prefix_length;
+                let mut table = u32::from(msg.header.table);
+                let (mut destination, mut oif) = (None, None);
+                for attr in &msg.attributes {
+                    match attr {
+                        RouteAttribute::Destination(RouteAddress::Inet(a)) => {
+                            destination = Some(std::net::IpAddr::V4(*a))
+                        }
+                        RouteAttribute::Destination(RouteAddress::Inet6(a)) => {
+                            destination = Some(std::net::IpAddr::V6(*a))
+                        }
+                        RouteAttribute::Oif(index) => oif = Some(*index),
+                        RouteAttribute::Table(t) => table = *t,
+                        _ => {}
+                    }
+                }
+                let (Some(destination), Some(oif)) = (destination, oif) else {
+                    continue;
+                };
+                if len == 0
+                    || oif == exclude
+                    || msg.header.kind != RouteType::Unicast
+                    || table != u32::from(RouteHeader::RT_TABLE_MAIN)
+                {
+                    continue;
+                }
+                if let Ok(net) = IpNet::new(destination, len) {
+                    let name = names
+                        .get(&oif)
+                        .cloned()
+                        .unwrap_or_else(|| format!("#{oif}"));
+                    found.push((net.trunc(), name));
+                }
+            }
+        }
+        Ok(found)
+    }
+
     /// Networks of the addresses on every link except `exclude`.
     pub async fn local_networks(&self, exclude: u32) -> Result<Vec<IpNet>, NetlinkError> {
         use netlink_packet_route::address::AddressAttribute;
@@ -315,11 +375,13 @@ impl Netlink {
     }
 }
 
+// The request type is `c_ulong` in glibc and `c_int` in musl; the casts
+// keep the bits either way.
 /// `TUNGETIFF`: the device's current name and flags.
-const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
+const TUNGETIFF: libc::Ioctl = 0x8004_54d2_u32 as libc::Ioctl;
 /// `TUNGETDEVNETNS` (Linux 5.2): a descriptor of the network namespace the
 /// device is in now.
-const TUNGETDEVNETNS: libc::c_ulong = 0x54e3;
+const TUNGETDEVNETNS: libc::Ioctl = 0x54e3;
 
 /// The TUN device's current name (ip(8) may have renamed it).
 pub fn tun_name(tun: BorrowedFd<'_>) -> io::Result<String> {

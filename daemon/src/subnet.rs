@@ -288,8 +288,67 @@ impl ClientConfig<'_> {
     }
 }
 
+/// One warning per tunnel network that overlaps a route this host has
+/// through another link (`routes`: destination and link name). Many VPCs
+/// route part of 100.64.0.0/10 themselves (EKS adds 100.64.0.0/16 for
+/// pods), and then either the VPC's hosts or the peers become unreachable,
+/// depending on which route wins. Each warning suggests a free address.
+pub fn tunnel_overlap_warnings(tunnel: &[IpNet], routes: &[(IpNet, String)]) -> Vec<String> {
+    let taken: Vec<(std::net::Ipv4Addr, u8)> = routes
+        .iter()
+        .filter_map(|(net, _)| match net {
+            IpNet::V4(v4) => Some((v4.network(), v4.prefix_len())),
+            IpNet::V6(_) => None,
+        })
+        .chain(tunnel.iter().filter_map(|net| match net {
+            IpNet::V4(v4) => Some((v4.network(), v4.prefix_len())),
+            IpNet::V6(_) => None,
+        }))
+        .collect();
+    let advice = match vpcgate_proto::free_tunnel_address(&taken) {
+        Some(free) => format!("pick a free tunnel address: vpcgate set --address {free}"),
+        None => {
+            "pick a tunnel address no route of this host covers: vpcgate set --address ADDR/LEN"
+                .into()
+        }
+    };
+    let mut warnings = Vec::new();
+    for t in tunnel {
+        for (route, link) in routes {
+            if t.contains(route) || route.contains(t) {
+                warnings.push(format!(
+                    "the tunnel network {t} overlaps this host's route {route} dev {link}, so \
+                     traffic to that range may go the wrong way; {advice}"
+                ));
+            }
+        }
+    }
+    warnings
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_vpc_route_inside_the_tunnel_network_is_named_with_a_free_address() {
+        let net = |s: &str| s.parse::<IpNet>().expect("net");
+        let tunnel = [net("100.64.0.0/24")];
+        let routes = vec![
+            (net("198.18.0.0/20"), "eth0".to_string()),
+            (net("100.64.0.0/16"), "eth0".to_string()),
+        ];
+        let warnings = super::tunnel_overlap_warnings(&tunnel, &routes);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("100.64.0.0/16 dev eth0"),
+            "{warnings:?}"
+        );
+        assert!(
+            warnings[0].contains("vpcgate set --address 100.65.0.1/24"),
+            "{warnings:?}"
+        );
+        assert!(super::tunnel_overlap_warnings(&tunnel, &routes[..1]).is_empty());
+    }
+
     use super::*;
 
     fn nets(list: &[&str]) -> Vec<IpNet> {

@@ -25,6 +25,32 @@ pub const MAX_FRAME: usize = 1 << 20;
 /// tens of megabytes, and the CLI trusts the daemon it talks to.
 pub const MAX_RESPONSE: usize = 256 << 20;
 
+/// The shared address space tunnels are given (RFC 6598), 100.64.0.0/10.
+const TUNNEL_SPACE: (u32, u8) = (0x6440_0000, 10);
+
+/// A tunnel address to suggest when the tunnel network clashes with a
+/// network the host routes to: the `.1` of the first /24 in 100.64.0.0/10
+/// that overlaps none of `taken` (IPv4 networks as address and prefix
+/// length). Both the daemon's warning and doctor's fix give the same advice.
+pub fn free_tunnel_address(taken: &[(std::net::Ipv4Addr, u8)]) -> Option<String> {
+    let mask = |len: u8| {
+        u32::MAX
+            .checked_shl(32 - u32::from(len.min(32)))
+            .unwrap_or(0)
+    };
+    let overlaps = |net: u32, len: u8| {
+        taken.iter().any(|&(addr, their)| {
+            let shorter = len.min(their);
+            (u32::from(addr) ^ net) & mask(shorter) == 0
+        })
+    };
+    let (base, len) = TUNNEL_SPACE;
+    (0..1u32 << (24 - len))
+        .map(|i| base + (i << 8))
+        .find(|&net| !overlaps(net, 24))
+        .map(|net| format!("{}/24", std::net::Ipv4Addr::from(net + 1)))
+}
+
 /// A message that travels in frames, with the largest frame it may have.
 pub trait Framed {
     const MAX: usize;
@@ -252,6 +278,31 @@ pub fn read_frame<T: for<'a> Deserialize<'a> + Framed>(r: &mut impl Read) -> Res
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn free_tunnel_address_skips_what_is_routed() {
+        let ip = |s: &str| s.parse::<std::net::Ipv4Addr>().expect("ip");
+        assert_eq!(
+            super::free_tunnel_address(&[]).as_deref(),
+            Some("100.64.0.1/24")
+        );
+        // An EKS pod range as a secondary VPC CIDR, and the default route,
+        // which covers everything and so is left out by callers.
+        assert_eq!(
+            super::free_tunnel_address(&[(ip("100.64.0.0"), 16)]).as_deref(),
+            Some("100.65.0.1/24")
+        );
+        assert_eq!(
+            super::free_tunnel_address(&[(ip("100.64.0.0"), 16), (ip("100.65.0.7"), 32)])
+                .as_deref(),
+            Some("100.65.1.1/24")
+        );
+        assert_eq!(
+            super::free_tunnel_address(&[(ip("100.64.0.0"), 10)]),
+            None,
+            "nothing is free"
+        );
+    }
+
     use super::*;
 
     #[test]

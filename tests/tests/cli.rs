@@ -161,6 +161,12 @@ fn forwarding_off_is_reported() {
     );
     let warnings = gw.status()["warnings"].to_string();
     assert!(warnings.contains("IPv4 forwarding is off"), "{warnings}");
+    // The human form puts them on a line of their own, after the report.
+    let text = gw.ok(&["status"]);
+    assert!(
+        text.contains("\n\nwarning: IPv4 forwarding is off") && text.ends_with("/etc/sysctl.d)\n"),
+        "{text}"
+    );
     gw.ns
         .exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])
         .expect("sysctl");

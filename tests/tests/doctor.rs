@@ -334,7 +334,7 @@ fn host_problems_are_reported_with_fixes_and_clear_when_fixed() {
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("ok    daemon: vpcgated answers"), "{text}");
     assert!(
-        text.trim_end().ends_with("0 failed, 0 warnings, 14 ok"),
+        text.trim_end().ends_with("0 failed, 0 warnings, 15 ok"),
         "{text}"
     );
 
@@ -779,4 +779,51 @@ fn cloud_forwarding_switch_per_provider() {
             "{switch:#}"
         );
     }
+}
+
+/// A VPC that routes part of 100.64.0.0/10 itself (EKS adds 100.64.0.0/16
+/// for pods): `advertise-routes` warns and doctor fails, both naming the
+/// route and suggesting a free tunnel address; without that route doctor
+/// is content.
+#[test]
+fn tunnel_network_overlapping_a_vpc_route() {
+    require_root();
+    let gw = Gw::start("do");
+    gw.ok(&["advertise-routes", "198.18.64.0/20"]);
+    let (_, checks) = gw.doctor_here();
+    assert_eq!(status(&checks, "tunnel-network", None), "ok");
+
+    gw.ns
+        .ip(&[
+            "route",
+            "add",
+            "100.64.0.0/16",
+            "via",
+            "198.18.64.1",
+            "dev",
+            "vpc0",
+        ])
+        .expect("a VPC route over the tunnel network");
+    let out = gw.vpcgate(&["advertise-routes", "198.18.64.0/20"]);
+    assert!(out.status.success(), "{out:?}");
+    let warned = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        warned.contains("100.64.0.0/16 dev vpc0")
+            && warned.contains("vpcgate set --address 100.65.0.1/24"),
+        "advertise-routes did not warn: {warned}"
+    );
+    let (passed, checks) = gw.doctor_here();
+    assert!(!passed, "doctor must fail");
+    let check = find(&checks, "tunnel-network", None);
+    assert_eq!(check["status"], "fail");
+    assert!(
+        check["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("100.64.0.0/16 via 198.18.64.1 dev vpc0")),
+        "{check}"
+    );
+    assert!(
+        has_fix(check, "vpcgate set --address 100.65.0.1/24"),
+        "{check}"
+    );
 }

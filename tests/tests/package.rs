@@ -4,8 +4,9 @@
 //! must hold exactly the expected files, owned by root, with static binaries
 //! for the right machine that run (under qemu-user-static for the other
 //! architecture) and accept every flag the unit passes; a control file that
-//! an Ubuntu 18.04 dpkg reads; and maintainer scripts that parse. Building
-//! again must give the same bytes.
+//! an Ubuntu 18.04 dpkg reads; maintainer scripts that parse; and man pages
+//! and bash, zsh and fish completions for both commands, generated from
+//! their clap definitions. Building again must give the same bytes.
 //!
 //! No root is needed, only the tools `.ci/run` installs: dpkg-dev, binutils,
 //! musl-tools, gcc-aarch64-linux-gnu, qemu-user-static, python3-yaml. The
@@ -24,6 +25,18 @@ static BUILD: Mutex<()> = Mutex::new(());
 
 const SYSCTL_FILE: &str = "usr/lib/sysctl.d/90-vpcgate.conf";
 const UNIT_FILE: &str = "lib/systemd/system/vpcgated.service";
+const MAN_DIR: &str = "usr/share/man/man8";
+
+/// The man pages and completion scripts of one command, where Debian's
+/// man-db, bash-completion, zsh and fish look for them.
+fn docs_of(name: &str) -> [String; 4] {
+    [
+        format!("{MAN_DIR}/{name}.8.gz"),
+        format!("usr/share/bash-completion/completions/{name}"),
+        format!("usr/share/zsh/vendor-completions/_{name}"),
+        format!("usr/share/fish/vendor_completions.d/{name}.fish"),
+    ]
+}
 
 fn repo_root() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -168,7 +181,18 @@ fn check_deb(arch: &str, deb: &Path) {
         .filter(|(_, (mode, _))| mode.starts_with('-'))
         .map(|(path, _)| path.as_str())
         .collect();
-    let expected = BTreeSet::from([
+    let docs: Vec<String> = ["vpcgated", "vpcgate"]
+        .iter()
+        .flat_map(|n| docs_of(n))
+        .collect();
+    // vpcgate has a page per subcommand too; check_man_pages checks that
+    // they are the ones vpcgate.8 names.
+    let subcommand_pages: BTreeSet<&str> = files
+        .iter()
+        .copied()
+        .filter(|f| f.starts_with(&format!("{MAN_DIR}/vpcgate-")) && f.ends_with(".8.gz"))
+        .collect();
+    let mut expected = BTreeSet::from([
         "usr/bin/vpcgated",
         "usr/bin/vpcgate",
         UNIT_FILE,
@@ -177,6 +201,8 @@ fn check_deb(arch: &str, deb: &Path) {
         "usr/share/doc/vpcgate/README.md",
         "usr/share/doc/vpcgate/README.packaging.md",
     ]);
+    expected.extend(docs.iter().map(String::as_str));
+    expected.extend(&subcommand_pages);
     assert_eq!(files, expected, "the files in {}", deb.display());
     for (path, (mode, owner)) in &listing {
         assert_eq!(owner, "root/root", "{path} is owned by {owner}");
@@ -258,6 +284,9 @@ fn check_deb(arch: &str, deb: &Path) {
             "{name} --version ({arch})"
         );
     }
+    check_man_pages(&root, &files);
+    check_completions(&root);
+
     // Every flag the unit passes, the packaged daemon knows.
     let help = run(runner(arch, &root.join("usr/bin/vpcgated")).arg("--help"));
     let exec_start = unit
@@ -330,6 +359,170 @@ fn check_deb(arch: &str, deb: &Path) {
         expected.len(),
         "md5sums:\n{md5sums}"
     );
+}
+
+/// Roff without font changes, with plain hyphens and apostrophes.
+fn plain(roff: &str) -> String {
+    roff.replace("\\fB", "")
+        .replace("\\fI", "")
+        .replace("\\fR", "")
+        .replace("\\-", "-")
+        .replace("\\*(Aq", "'")
+}
+
+/// The man pages: gzip'd without a name or time stamp, each a page of
+/// section 8 that documents real options and names only pages that are
+/// shipped; and, where man-db is installed, free of the warnings lintian
+/// reports.
+fn check_man_pages(root: &Path, files: &BTreeSet<&str>) {
+    let pages: BTreeMap<&str, String> = files
+        .iter()
+        .filter_map(|f| Some((*f, f.strip_prefix(&format!("{MAN_DIR}/"))?)))
+        .map(|(file, name)| {
+            let path = root.join(file);
+            let gz = std::fs::read(&path).unwrap_or_else(|e| panic!("{file}: {e}"));
+            // RFC 1952: flags, then a 4-byte modification time.
+            assert!(
+                gz.len() > 10 && gz[..2] == [0x1f, 0x8b] && gz[3] & 0x08 == 0 && gz[4..8] == [0; 4],
+                "{file} is not gzip'd without a name and time stamp (gzip -n)"
+            );
+            let roff = run(Command::new("gzip").arg("-dc").arg(&path));
+            (name.trim_end_matches(".8.gz"), roff)
+        })
+        .collect();
+    for (name, roff) in &pages {
+        let title = roff
+            .lines()
+            .find(|l| l.starts_with(".TH "))
+            .unwrap_or_else(|| panic!("{name}.8 has no .TH line:\n{roff}"));
+        let program = if name.starts_with("vpcgated") {
+            "vpcgated"
+        } else {
+            "vpcgate"
+        };
+        let (th_name, rest) = title[4..].split_once(' ').unwrap_or_default();
+        assert_eq!(plain(th_name), *name, "{title}");
+        // Section 8, a YYYY-MM-DD date (SOURCE_DATE_EPOCH's), the version.
+        let date = rest.get(2..12).unwrap_or_default();
+        let is_date = date.len() == 10
+            && date.bytes().enumerate().all(|(i, b)| match i {
+                4 | 7 => b == b'-',
+                _ => b.is_ascii_digit(),
+            });
+        let want = format!("8 {date} \"{program} {}\"", env!("CARGO_PKG_VERSION"));
+        assert!(
+            is_date && rest.starts_with(&want),
+            "{name}.8: {title}, expected .TH {name} {want}"
+        );
+    }
+    let text = |name: &str| plain(pages.get(name).unwrap_or_else(|| panic!("no {name}.8")));
+    let daemon = text("vpcgated");
+    for needle in [
+        "--nat-form",
+        "--socket-group",
+        "--listen-port",
+        "IFNAME",
+        "vpcgate(8)",
+    ] {
+        assert!(
+            daemon.contains(needle),
+            "vpcgated.8 does not mention {needle}:\n{daemon}"
+        );
+    }
+    let cli = text("vpcgate");
+    for needle in [
+        "--socket",
+        "VPCGATE_SOCKET",
+        "vpcgate-advertise-routes(8)",
+        "vpcgate-peer(8)",
+    ] {
+        assert!(
+            cli.contains(needle),
+            "vpcgate.8 does not mention {needle}:\n{cli}"
+        );
+    }
+    assert!(text("vpcgate-advertise-routes").contains("--exit-node"));
+    assert!(text("vpcgate-peer-add").contains("--accept-routes"));
+    // Each vpcgate-*(8) a page names is shipped, and each shipped one is named.
+    let mut named = BTreeSet::from(["vpcgate", "vpcgated"]);
+    for roff in pages.values() {
+        let roff = plain(roff);
+        for (i, _) in roff.match_indices("(8)") {
+            let start = roff[..i]
+                .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+                .map_or(0, |j| j + 1);
+            if let Some((name, _)) = pages.get_key_value(&roff[start..i]) {
+                named.insert(name);
+            } else {
+                assert!(
+                    !roff[start..i].starts_with("vpcgate"),
+                    "{}(8) is named, but not in the package",
+                    &roff[start..i]
+                );
+            }
+        }
+    }
+    let shipped: BTreeSet<&str> = pages.keys().copied().collect();
+    assert_eq!(shipped, named, "man pages that no page names");
+
+    // What lintian runs (its manpages check), where man-db is installed.
+    if Command::new("man").arg("--version").output().is_err() {
+        eprintln!("man-db is not installed: the man pages' groff warnings are not checked");
+        return;
+    }
+    for name in pages.keys() {
+        let out = Command::new("man")
+            .args(["--warnings", "-E", "UTF-8", "-l", "-Tutf8", "-Z"])
+            .arg(root.join(format!("{MAN_DIR}/{name}.8.gz")))
+            .env("LC_ALL", "C.UTF-8")
+            .env("MANROFFSEQ", "")
+            .env("MANWIDTH", "80")
+            .output()
+            .expect("run man");
+        let warnings = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && warnings.trim().is_empty(),
+            "man -l {name}.8.gz ({}):\n{warnings}",
+            out.status
+        );
+    }
+}
+
+/// The completion scripts: the shell's own form, real subcommands and
+/// options, nothing hidden, and bash's parses.
+fn check_completions(root: &Path) {
+    for name in ["vpcgated", "vpcgate"] {
+        let [_, bash, zsh, fish] = docs_of(name);
+        let read =
+            |f: &str| std::fs::read_to_string(root.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+        let (bash_text, zsh_text, fish_text) = (read(&bash), read(&zsh), read(&fish));
+        assert!(
+            bash_text.contains(&format!("complete -F _{name} ")),
+            "{bash}:\n{bash_text}"
+        );
+        assert!(
+            zsh_text.starts_with(&format!("#compdef {name}\n")),
+            "{zsh}:\n{zsh_text}"
+        );
+        assert!(
+            fish_text.contains(&format!("complete -c {name} ")),
+            "{fish}:\n{fish_text}"
+        );
+        run(Command::new("bash").arg("-n").arg(root.join(&bash)));
+        let real: &[&str] = match name {
+            "vpcgated" => &["--nat-form", "--socket-group"],
+            _ => &["advertise-routes", "peer", "accept-routes", "doctor"],
+        };
+        for (file, text) in [(&bash, &bash_text), (&zsh, &zsh_text), (&fish, &fish_text)] {
+            for needle in real {
+                let needle = needle.trim_start_matches('-');
+                assert!(text.contains(needle), "{file} does not mention {needle}");
+            }
+            for hidden in ["generate-", "qr-decode"] {
+                assert!(!text.contains(hidden), "{file} offers the hidden {hidden}");
+            }
+        }
+    }
 }
 
 #[test]

@@ -602,6 +602,69 @@ pub fn rp_filter(iface: &str, all: Result<u8, String>, own: Result<u8, String>) 
     check.subject(iface.to_string())
 }
 
+/// Whether two prefixes share any address.
+fn overlap(a: &Prefix, b: &Prefix) -> bool {
+    a.contains(b.network().addr) || b.contains(a.network().addr)
+}
+
+/// The tunnel networks against the networks this host routes elsewhere. A
+/// VPC that routes part of 100.64.0.0/10 itself (EKS pod ranges, for one)
+/// makes that part unreachable through the VPC from the gateway, or peers'
+/// packets unroutable, depending on which route wins. Default routes cover
+/// everything and are not a clash.
+pub fn tunnel_overlap(tunnel_iface: &str, tunnel: &[Prefix], routes: &[Route]) -> Check {
+    let id = "tunnel-network";
+    let clashes: Vec<String> = routes
+        .iter()
+        .filter(|r| r.prefix.len > 0 && r.iface != tunnel_iface && !r.local)
+        .flat_map(|r| {
+            tunnel
+                .iter()
+                .filter(|t| overlap(t, &r.prefix))
+                .map(move |t| {
+                    format!(
+                        "{t} overlaps the route {} {}",
+                        r.prefix.network(),
+                        r.describe()
+                    )
+                })
+        })
+        .collect();
+    if clashes.is_empty() {
+        let nets: Vec<String> = tunnel.iter().map(ToString::to_string).collect();
+        return Check::new(
+            id,
+            Level::Ok,
+            format!(
+                "the tunnel network ({}) overlaps no route of this host",
+                nets.join(", ")
+            ),
+        );
+    }
+    let taken: Vec<(Ipv4Addr, u8)> = routes
+        .iter()
+        .filter(|r| r.prefix.len > 0)
+        .filter_map(|r| match r.prefix.network().addr {
+            IpAddr::V4(a) => Some((a, r.prefix.len)),
+            IpAddr::V6(_) => None,
+        })
+        .collect();
+    let check = Check::new(
+        id,
+        Level::Fail,
+        format!(
+            "the tunnel network clashes with this host's routes: {}",
+            clashes.join("; ")
+        ),
+    );
+    match vpcgate_proto::free_tunnel_address(&taken) {
+        Some(free) => check.fix(format!(
+            "vpcgate set --address {free}  # a free part of 100.64.0.0/10; then hand out client configs again"
+        )),
+        None => check.fix("vpcgate set --address ADDR/LEN  # a range no route of this host covers".into()),
+    }
+}
+
 /// What the tunnel MTU allows: the largest tunnel MTU whose packets still fit
 /// the path with IPv4 and with IPv6 outer headers.
 pub fn mtu_limit(nic_mtu: Option<u32>) -> u32 {
@@ -891,6 +954,41 @@ fd000065010100000000000000000000 40 00000000000000000000000000000000 00 fd000064
         assert_eq!(
             rp_filter("vpc0", Err("gone".into()), Ok(0)).status,
             Level::Warn
+        );
+    }
+
+    #[test]
+    fn tunnel_network_clashing_with_a_vpc_route_fails_with_a_free_address() {
+        let route = |net: &str, iface: &str| Route {
+            prefix: Prefix::parse(net).expect("prefix"),
+            gateway: None,
+            iface: iface.into(),
+            metric: 0,
+            reject: false,
+            local: false,
+        };
+        let tunnel = [Prefix::parse("100.64.0.1/24").expect("prefix")];
+        let mut routes = vec![
+            route("0.0.0.0/0", "eth0"),
+            route("198.18.0.0/20", "eth0"),
+            route("100.64.0.0/24", "vpcgate0"),
+        ];
+        let ok = tunnel_overlap("vpcgate0", &tunnel, &routes);
+        assert_eq!(ok.status, Level::Ok, "{}", ok.message);
+
+        // An EKS pod range routed by the VPC.
+        routes.push(route("100.64.0.0/16", "eth0"));
+        let clash = tunnel_overlap("vpcgate0", &tunnel, &routes);
+        assert_eq!(clash.status, Level::Fail);
+        assert!(
+            clash.message.contains("100.64.0.0/16 dev eth0"),
+            "{}",
+            clash.message
+        );
+        assert!(
+            clash.fix[0].starts_with("vpcgate set --address 100.65.0.1/24"),
+            "{:?}",
+            clash.fix
         );
     }
 

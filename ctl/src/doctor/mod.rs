@@ -286,6 +286,17 @@ pub fn run_checks(host: &Host, options: &Options) -> Vec<Check> {
                 }
             }
         }
+        if let Ok(r4) = &routes4 {
+            let tunnel: Vec<Prefix> = v
+                .tunnel_networks
+                .iter()
+                .filter_map(|t| Prefix::parse(t))
+                .filter(Prefix::is_ipv4)
+                .collect();
+            if !tunnel.is_empty() {
+                checks.push(host::tunnel_overlap(&v.interface, &tunnel, r4));
+            }
+        }
         for iface in &vpc_ifaces {
             checks.push(host::rp_filter(
                 iface,
