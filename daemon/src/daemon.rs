@@ -351,6 +351,8 @@ impl Daemon {
         let (name, (netlink, changes)) = match moved {
             Ok(Some((name, Ok(opened)))) => (name, opened),
             Ok(None) => return None,
+            // Deleted: the data path sees it too, and stops the daemon.
+            Err(e) if e.raw_os_error() == Some(libc::EBADFD) => return None,
             Ok(Some((_, Err(e)))) => {
                 tracing::warn!("the TUN moved to another network namespace, and its netlink there failed: {e}; its addresses and MTU are no longer followed");
                 return None;
@@ -1498,12 +1500,18 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
 /// whichever network namespace the device is.
 async fn follow_link(daemon: Arc<Daemon>, mut changes: crate::netlink::Changes) {
     use futures::{FutureExt, StreamExt};
+    // Set once the TUN is out of sight and could not be followed, so that
+    // every later change in this namespace does not try (and log) again.
+    let mut lost = false;
     loop {
-        if !daemon.refresh_link().await {
+        if daemon.refresh_link().await {
+            lost = false;
+        } else if !lost {
             if let Some(elsewhere) = daemon.follow_tun_namespace().await {
                 changes = elsewhere;
                 continue;
             }
+            lost = true;
         }
         if changes.next().await.is_none() {
             tracing::warn!(
