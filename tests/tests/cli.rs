@@ -401,3 +401,53 @@ fn peers_add_config_list_remove() {
         assert!(status.get(key).is_some(), "status --json lacks {key}");
     }
 }
+
+/// `--nat-form ip+ip6`, the form for systems without `inet` NAT: the rules
+/// go into an `ip` and an `ip6` table, and `status` says so. No table exists
+/// before routes are advertised, and none after they are cleared.
+#[test]
+fn forced_split_nat_form_is_used_and_reported() {
+    require_root();
+    let ns = Netns::new("cn").expect("namespace");
+    let mut cfg = VpcgatedConfig::new(51820, "100.64.0.1/24");
+    cfg.extra_args = vec!["--nat-form".into(), "ip+ip6".into()];
+    let dev = WgDev::vpcgated(&ns, "cn", &cfg).expect("vpcgated starts");
+    let gw = Gateway { ns, dev, cfg };
+    let ours = |gw: &Gateway| -> Vec<String> {
+        let tables = gw.ns.exec(&["nft", "list", "tables"]).expect("nft");
+        tables
+            .lines()
+            .filter(|l| l.contains("vpcgate_"))
+            .map(str::to_string)
+            .collect()
+    };
+    assert!(
+        ours(&gw).is_empty(),
+        "a table before any route: {:?}",
+        ours(&gw)
+    );
+    assert_eq!(gw.status()["snat_form"], serde_json::Value::Null);
+
+    gw.ok(&["advertise-routes", "198.18.64.0/20,fd00:64:40::/64"]);
+    let table = format!("vpcgate_{}", gw.dev.name());
+    assert_eq!(
+        ours(&gw),
+        vec![format!("table ip {table}"), format!("table ip6 {table}")]
+    );
+    assert_eq!(gw.status()["snat_form"], "ip+ip6");
+    assert!(gw.ok(&["status"]).contains("snat: on (ip+ip6 nftables)"));
+    for family in ["ip", "ip6"] {
+        let rules = gw
+            .ns
+            .exec(&["nft", "list", "table", family, &table])
+            .expect("our table");
+        assert!(rules.contains("masquerade"), "{rules}");
+    }
+
+    gw.ok(&["advertise-routes", "--clear"]);
+    assert!(
+        ours(&gw).is_empty(),
+        "a table after clearing: {:?}",
+        ours(&gw)
+    );
+}
