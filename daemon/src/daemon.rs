@@ -304,15 +304,13 @@ impl Daemon {
                 return true;
             }
         };
-        let mut networks: Vec<IpNet> = match link.netlink.addresses(link.index).await {
-            Ok(addresses) => addresses.iter().map(IpNet::trunc).collect(),
+        let networks = match link.netlink.networks(link.index).await {
+            Ok(networks) => networks,
             Err(e) => {
                 tracing::warn!("cannot read the TUN's addresses: {e}");
                 return true;
             }
         };
-        networks.sort();
-        networks.dedup();
         let mut inner = self.inner.lock().await;
         let next = LinkState { networks, mtu };
         if next == inner.link {
@@ -1317,12 +1315,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         .with_context(|| format!("cannot configure {}", options.interface))?;
     let link = LinkState {
         networks: netlink
-            .addresses(tun_index)
+            .networks(tun_index)
             .await
-            .with_context(|| format!("cannot read the addresses of {}", options.interface))?
-            .iter()
-            .map(IpNet::trunc)
-            .collect(),
+            .with_context(|| format!("cannot read the addresses of {}", options.interface))?,
         mtu: settings.mtu,
     };
     let tun_fd = std::os::fd::AsFd::as_fd(&tun)

@@ -115,6 +115,20 @@ impl Netlink {
             .collect())
     }
 
+    /// The networks of the link's addresses (link-local ones aside), sorted
+    /// and without repeats.
+    pub async fn networks(&self, index: u32) -> Result<Vec<IpNet>, NetlinkError> {
+        let mut networks: Vec<IpNet> = self
+            .addresses(index)
+            .await?
+            .iter()
+            .map(IpNet::trunc)
+            .collect();
+        networks.sort();
+        networks.dedup();
+        Ok(networks)
+    }
+
     async fn address_messages(
         &self,
         index: u32,
@@ -166,7 +180,6 @@ impl Netlink {
                 _ => {}
             }
         }
-        let addresses = new;
         for msg in stale {
             self.handle
                 .address()
@@ -178,7 +191,7 @@ impl Netlink {
                     source,
                 })?;
         }
-        for address in addresses.iter().filter(|a| !present.contains(a)) {
+        for address in new.iter().filter(|a| !present.contains(a)) {
             self.handle
                 .address()
                 .add(index, address.addr(), address.prefix_len())
@@ -191,6 +204,7 @@ impl Netlink {
         }
         Ok(())
     }
+
     /// Puts the tunnel addresses `new` on the link in place of `old`, sets
     /// the MTU and brings the link up.
     pub async fn configure_all(

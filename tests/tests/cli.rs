@@ -15,9 +15,15 @@ struct Gateway {
 
 impl Gateway {
     fn start(tag: &str) -> Gateway {
+        Gateway::start_with(tag, &[])
+    }
+
+    /// A gateway whose vpcgated gets `extra_args` as well.
+    fn start_with(tag: &str, extra_args: &[&str]) -> Gateway {
         let ns = Netns::new(tag).expect("namespace");
         let mut cfg = VpcgatedConfig::new(51820, "100.64.0.1/24");
         cfg.state_dir = Some(ns.dir().join("state"));
+        cfg.extra_args = extra_args.iter().map(|a| a.to_string()).collect();
         let dev = WgDev::vpcgated(&ns, tag, &cfg).expect("vpcgated starts");
         Gateway { ns, dev, cfg }
     }
@@ -408,11 +414,7 @@ fn peers_add_config_list_remove() {
 #[test]
 fn forced_split_nat_form_is_used_and_reported() {
     require_root();
-    let ns = Netns::new("cn").expect("namespace");
-    let mut cfg = VpcgatedConfig::new(51820, "100.64.0.1/24");
-    cfg.extra_args = vec!["--nat-form".into(), "ip+ip6".into()];
-    let dev = WgDev::vpcgated(&ns, "cn", &cfg).expect("vpcgated starts");
-    let gw = Gateway { ns, dev, cfg };
+    let gw = Gateway::start_with("cn", &["--nat-form", "ip+ip6"]);
     let ours = |gw: &Gateway| -> Vec<String> {
         let tables = gw.ns.exec(&["nft", "list", "tables"]).expect("nft");
         tables
