@@ -201,6 +201,7 @@ install -D -m 0755 "$bin_dir/vpcgated" "$stage/usr/bin/vpcgated"
 install -D -m 0755 "$bin_dir/vpcgate" "$stage/usr/bin/vpcgate"
 install -D -m 0644 "$root/systemd/vpcgated.service" "$stage/lib/systemd/system/vpcgated.service"
 install -D -m 0644 "$pkg/sysctl.d/90-vpcgate.conf" "$stage/usr/lib/sysctl.d/90-vpcgate.conf"
+install -D -m 0644 "$pkg/tmpfiles.d/vpcgate.conf" "$stage/usr/lib/tmpfiles.d/vpcgate.conf"
 
 # Section 8 for both: the daemon, and a CLI that needs root or the vpcgate
 # group. vpcgate has a page per subcommand (vpcgate-peer-add.8, ...), which

@@ -32,7 +32,7 @@ use crate::core::{
 use crate::dataplane::{create_tun, Command, Dataplane, Offload, Stopped, UdpSockets};
 use crate::nat::{Nat, NatForm, NatState, NftNat};
 use crate::netlink::Netlink;
-use crate::state::{Settings, StateDir, StoredPeer};
+use crate::state::{self, Settings, StateDir, StoredPeer, Versioned};
 use crate::subnet::{self, ClientConfig, LearnPolicy};
 use crate::uapi::proto::{Key, SetRequest};
 
@@ -401,6 +401,30 @@ impl Daemon {
             self.publish(inner, Some(table));
         }
         self.dataplane.apply(plan.after_table).await;
+    }
+
+    /// Once everything has started: saves the settings (flags given at
+    /// start override the file) and rewrites, in the current format, each
+    /// state file that was in an older one. Until now those files were only
+    /// read, so a start that failed left them as they were.
+    async fn save_after_start(&self, outdated: Outdated) -> Result<(), state::StateError> {
+        let inner = self.inner.lock().await;
+        self.state.save_settings(&inner.settings)?;
+        if outdated.key {
+            if let Some(key) = &inner.config.private_key {
+                self.state.save_key(key)?;
+            }
+        }
+        if outdated.peers {
+            self.state.save_peers(&stored_peers(&inner.config))?;
+        }
+        if outdated.any() {
+            tracing::info!(
+                format = state::FORMAT,
+                "rewrote the state files of an older vpcgate in the current format"
+            );
+        }
+        Ok(())
     }
 
     fn save_peers(&self, config: &DeviceConfig) -> Result<(), String> {
@@ -1003,11 +1027,15 @@ impl Daemon {
     /// SIGHUP: re-reads the settings and peers files and applies what
     /// changed. Peers whose key is unchanged keep their sessions.
     pub async fn reload(&self) -> Result<(), String> {
-        let settings = self.state.load_settings().map_err(|e| e.to_string())?;
-        let stored = self.state.load_peers().map_err(|e| e.to_string())?;
+        let settings = self
+            .state
+            .load_settings()
+            .map_err(|e| e.to_string())?
+            .map(|s| s.value);
+        let stored = self.state.load_peers().map_err(|e| e.to_string())?.value;
         let mut inner = self.inner.lock().await;
         let mut fresh = DeviceConfig::new(None, inner.config.listen_port);
-        restore_peers(&mut fresh, &stored, &self.state.path("peers.json"))
+        restore_peers(&mut fresh, &stored, &self.state.path(state::PEERS_FILE))
             .map_err(|e| e.to_string())?;
         let (next, plan) = inner
             .config
@@ -1232,20 +1260,43 @@ pub fn validate_addresses(addresses: &[IpNet]) -> Result<(), String> {
     Ok(())
 }
 
+/// Which state files were read in an older format than [`state::FORMAT`].
+#[derive(Debug, Clone, Copy)]
+struct Outdated {
+    key: bool,
+    settings: bool,
+    peers: bool,
+}
+
+impl Outdated {
+    fn any(self) -> bool {
+        self.key || self.settings || self.peers
+    }
+}
+
 pub async fn run(options: Options) -> anyhow::Result<()> {
     let state = StateDir::open(&options.state_dir)?;
-    let private_key = if options.plain {
-        state.load_key()?
-    } else {
-        let (key, generated) = state.load_or_create_key()?;
-        if generated {
-            tracing::info!(path = %state.path("private.key").display(), "generated a new private key");
-        }
-        Some(key)
-    };
+    // Every file is read, and its format checked, before anything is
+    // written: a state directory from a newer vpcgate stays as it is.
+    let saved_key = state.load_key()?;
     let saved = state.load_settings()?;
+    let stored_peers = state.load_peers()?;
+    let outdated = Outdated {
+        key: saved_key.as_ref().is_some_and(Versioned::outdated),
+        settings: saved.as_ref().is_some_and(Versioned::outdated),
+        peers: stored_peers.outdated(),
+    };
+    let private_key = match saved_key {
+        Some(key) => Some(key.value),
+        None if options.plain => None,
+        None => {
+            let (key, _) = state.load_or_create_key()?;
+            tracing::info!(path = %state.path(state::KEY_FILE).display(), "generated a new private key");
+            Some(key.value)
+        }
+    };
     let mut settings = match saved {
-        Some(settings) => settings,
+        Some(settings) => settings.value,
         // wg-quick sets the addresses and, if the config has one, the port.
         None if options.plain => Settings::new(Vec::new(), 0),
         None => Settings::new(
@@ -1273,7 +1324,6 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     {
         bail!("the advertised route {clash} overlaps the tunnel network; pick another --address or change the advertised routes");
     }
-    let stored_peers = state.load_peers()?;
 
     let uapi_path = crate::uapi::socket_path(&options.interface);
     // Claim both sockets before touching the network, so a second instance
@@ -1300,8 +1350,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
 
     let tun = create_tun(&options.interface, options.offload.tun).map_err(|e| {
         anyhow::anyhow!(
-            "cannot create TUN device {}: {e} (is /dev/net/tun present, do we have \
-             CAP_NET_ADMIN, and is the name free?)",
+            "cannot create TUN device {}: {e} (is /dev/net/tun present and may this user open \
+             it, do we have CAP_NET_ADMIN, and is the name free? `vpcgate doctor` checks)",
             options.interface
         )
     })?;
@@ -1326,11 +1376,14 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
 
     let sockets = UdpSockets::bind(settings.listen_port, 0, options.offload)
         .with_context(|| format!("cannot bind UDP port {}", settings.listen_port))?;
-    state.save_settings(&settings)?;
     let port = sockets.port;
 
     let mut config = DeviceConfig::new(private_key, port);
-    restore_peers(&mut config, &stored_peers, &state.path("peers.json"))?;
+    restore_peers(
+        &mut config,
+        &stored_peers.value,
+        &state.path(state::PEERS_FILE),
+    )?;
     let routes: SharedRoutes = Arc::new(ArcSwap::from_pointee(Routes::default()));
     let counters = Arc::new(DropCounters::default());
     let (exit_tx, mut exit_rx) = tokio::sync::oneshot::channel();
@@ -1397,6 +1450,12 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 tracing::warn!(route = %net, "cannot restore a learned route: {e}");
             }
         }
+    }
+
+    // Everything that can fail has started; nothing is served yet.
+    if let Err(e) = daemon.save_after_start(outdated).await {
+        shut_down(daemon).await;
+        return Err(e.into());
     }
 
     let uapi_task = tokio::spawn(crate::uapi::serve(uapi_listener, daemon.clone()));
@@ -1479,6 +1538,13 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         task.abort();
         let _ = task.await;
     }
+    shut_down(daemon).await;
+    outcome
+}
+
+/// Removes the SNAT table and stops the data path, once no task holds the
+/// daemon any more.
+async fn shut_down(daemon: Arc<Daemon>) {
     if let Err(e) = daemon.inner.lock().await.nat.remove() {
         tracing::warn!("cannot remove the SNAT table: {e}");
     }
@@ -1488,7 +1554,6 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         Ok(daemon) => daemon.dataplane.shutdown(),
         Err(_) => tracing::warn!("control tasks still hold the daemon; exiting anyway"),
     }
-    outcome
 }
 
 /// Follows the TUN's addresses and MTU as wg-quick and ip(8) change them, in

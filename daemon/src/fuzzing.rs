@@ -384,27 +384,38 @@ pub fn state(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    if let Ok(key) = state::parse_key_file(text) {
+    if let Ok(key) = state::parse_key_file(text).map(|k| k.value) {
         match state::parse_key_file(&state::encode_key_file(&key)) {
-            Ok(again) => assert!(again == key, "a saved key loads as itself"),
+            Ok(again) => assert!(
+                again.value == key && again.format == state::FORMAT,
+                "a saved key loads as itself"
+            ),
             Err(e) => panic!("a saved key does not load: {e}"),
         }
     }
-    if let Ok(settings) = state::parse_settings(text) {
+    if let Ok(settings) = state::parse_settings(text).map(|s| s.value) {
         let _ = daemon::validate_addresses(&settings.addresses);
         let json = state::encode_settings(&settings).unwrap_or_default();
         match std::str::from_utf8(&json).map(state::parse_settings) {
-            Ok(Ok(again)) => assert_eq!(again, settings, "saved settings load as themselves"),
+            Ok(Ok(again)) => assert_eq!(
+                again,
+                state::Versioned {
+                    value: settings,
+                    format: state::FORMAT
+                },
+                "saved settings load as themselves"
+            ),
             other => panic!("saved settings do not load: {other:?}"),
         }
     }
-    if let Ok(stored) = state::parse_peers(text) {
+    if let Ok(stored) = state::parse_peers(text).map(|p| p.value) {
         let path = Path::new("peers.json");
         let mut config = DeviceConfig::new(None, 0);
         if daemon::restore_peers(&mut config, &stored, path).is_ok() {
             let saved = state::encode_peers(&daemon::stored_peers(&config)).unwrap_or_default();
             let reloaded = match std::str::from_utf8(&saved).map(state::parse_peers) {
-                Ok(Ok(reloaded)) => reloaded,
+                Ok(Ok(reloaded)) if reloaded.format == state::FORMAT => reloaded.value,
+                Ok(Ok(reloaded)) => panic!("saved peers load as format {}", reloaded.format),
                 Ok(Err(e)) => panic!("saved peers do not parse: {e}"),
                 Err(e) => panic!("saved peers are not UTF-8: {e}"),
             };

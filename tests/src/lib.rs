@@ -6,6 +6,8 @@
 //! The tests need root. Every entry point that touches the network calls
 //! [`require_root`], which panics instead of letting a test pass silently.
 
+mod container;
+mod deb;
 mod flows;
 mod guide;
 mod netns;
@@ -14,6 +16,8 @@ mod rng;
 mod traffic;
 mod wg;
 
+pub use container::{host_mirror, lock_file, nspawn_dir, rootfs, Container, FileLock};
+pub use deb::{build_deb, deb_version, release_deb, repo_root, tail_lines};
 pub use flows::{tcp_download, tcp_reachable, Download, EchoSession};
 pub use guide::{
     nft_counters, sock, sysctl, wg_quick_strip, write_wg_quick_conf, ClientConf, Gateway, Guide,

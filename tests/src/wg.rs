@@ -261,8 +261,10 @@ fn saved_tun_settings(state_dir: &Path) -> Result<(String, u32)> {
     let path = state_dir.join("settings.json");
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("cannot read {}", path.display()))?;
-    let json: serde_json::Value =
+    let file: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    // State format 1 (vpcgate 0.1.0) is the bare settings object.
+    let json = file.get("settings").unwrap_or(&file);
     let addresses: Vec<&str> = json["addresses"]
         .as_array()
         .with_context(|| format!("{} has no addresses: {text}", path.display()))?

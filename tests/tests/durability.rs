@@ -365,12 +365,15 @@ fn check_state_dir(dir: &Path, key_text: &str, context: &str) {
             .unwrap_or_else(|e| panic!("{context}: read {name}: {e}"));
         match name.as_str() {
             "private.key" => assert_eq!(text, key_text, "{context}: private.key changed"),
+            // Both in state format 2: {"format": 2, "settings"|"peers": ...}.
             "settings.json" => assert!(
-                serde_json::from_str::<serde_json::Value>(&text).is_ok_and(|v| v.is_object()),
+                serde_json::from_str::<serde_json::Value>(&text)
+                    .is_ok_and(|v| v["format"] == 2 && v["settings"].is_object()),
                 "{context}: settings.json does not parse: {text:?}"
             ),
             _ => assert!(
-                serde_json::from_str::<serde_json::Value>(&text).is_ok_and(|v| v.is_array()),
+                serde_json::from_str::<serde_json::Value>(&text)
+                    .is_ok_and(|v| v["format"] == 2 && v["peers"].is_array()),
                 "{context}: peers.json does not parse: {text:?}"
             ),
         }
@@ -560,4 +563,89 @@ fn sigkill_at_random_moments_loses_no_acknowledged_change() {
         "durability: {ITERATIONS} SIGKILLs in {:?}, {tally:?}, {checked} client configs reprinted",
         started.elapsed()
     );
+}
+
+/// A state directory of vpcgate 0.1.0 (the committed fixture): a start that
+/// fails leaves every file exactly as it was; a start that succeeds runs on
+/// the same key, settings and peers and then rewrites each file in the
+/// current format.
+#[test]
+fn old_state_is_rewritten_only_after_a_successful_start() {
+    require_root();
+    let fixture = vpcgate_e2e::repo_root().join("daemon/fixtures/state/0.1.0/gateway");
+    let ns = Netns::new("migrate").or_die("netns");
+    let state = ns.dir().join("state");
+    std::fs::create_dir_all(&state).or_die("mkdir");
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).or_die("chmod");
+    for name in STATE_FILES {
+        std::fs::copy(fixture.join(name), state.join(name)).or_die("copy the fixture");
+        std::fs::set_permissions(state.join(name), std::fs::Permissions::from_mode(0o600))
+            .or_die("chmod");
+    }
+    let read_all = || -> Vec<(String, String)> {
+        STATE_FILES
+            .iter()
+            .map(|n| {
+                let text = std::fs::read_to_string(state.join(n)).or_die("read");
+                (n.to_string(), text)
+            })
+            .collect()
+    };
+    let original = read_all();
+    let public_key = std::fs::read_to_string(fixture.join("public.key")).or_die("public.key");
+
+    // A link of another kind holds the interface's name, so the TUN cannot
+    // be created: the start fails after every file was read.
+    let name = unique_ifname("m");
+    let other_end = unique_ifname("m");
+    ns.ip(&[
+        "link", "add", &name, "type", "veth", "peer", "name", &other_end,
+    ])
+    .or_die("a veth by that name");
+    let mut cfg = VpcgatedConfig::new(0, "");
+    cfg.state_dir = Some(state.clone());
+    cfg.interface = Some(name.clone());
+    cfg.saved_settings = true;
+    let mut failing = WgDev::vpcgated_unready(&ns, "m", &cfg).or_die("start");
+    let status = failing
+        .process()
+        .wait_timeout(Duration::from_secs(60))
+        .or_die("wait")
+        .unwrap_or_else(|| panic!("vpcgated kept running with {name} taken"));
+    assert!(!status.success(), "vpcgated started with {name} taken");
+    let log = failing.process().log_tail(8 * 1024);
+    assert!(
+        log.contains("cannot create TUN device"),
+        "it failed for another reason:\n{log}"
+    );
+    assert_eq!(
+        read_all(),
+        original,
+        "a failed start changed the 0.1.0 state files"
+    );
+    drop(failing);
+
+    ns.ip(&["link", "del", &name]).or_die("free the name");
+    let dev = WgDev::vpcgated(&ns, "m", &cfg).or_die("start on the 0.1.0 state");
+    assert_eq!(
+        dev.public_key().or_die("key"),
+        public_key.trim(),
+        "another key"
+    );
+    let ctl = Vpcgate::for_dev(&dev).or_die("ctl");
+    let status = ctl.status().or_die("status");
+    assert_eq!(status.listen_port, 51901);
+    assert_eq!(
+        status.advertised_routes,
+        ["198.18.64.0/20", "198.19.101.0/24"]
+    );
+    let mut names: Vec<String> = status.peers.iter().filter_map(|p| p.name.clone()).collect();
+    names.sort();
+    assert_eq!(names, ["client", "laptop", "phone"]);
+    let key_text = std::fs::read_to_string(state.join("private.key")).or_die("read");
+    assert!(
+        key_text.starts_with("# vpcgate private key (state format 2)\n"),
+        "private.key was not rewritten: {key_text:?}"
+    );
+    check_state_dir(&state, &key_text, "after the migration");
 }

@@ -16,14 +16,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Mutex;
-use std::time::Instant;
 
-/// One build at a time: both share target/musl, and a build may install
-/// Debian packages.
-static BUILD: Mutex<()> = Mutex::new(());
+use vpcgate_e2e::{deb_version, repo_root};
 
 const SYSCTL_FILE: &str = "usr/lib/sysctl.d/90-vpcgate.conf";
+/// Lets the service user open /dev/net/tun where it is not 0666.
+const TMPFILES_FILE: &str = "usr/lib/tmpfiles.d/vpcgate.conf";
 const UNIT_FILE: &str = "lib/systemd/system/vpcgated.service";
 const MAN_DIR: &str = "usr/share/man/man8";
 
@@ -36,12 +34,6 @@ fn docs_of(name: &str) -> [String; 4] {
         format!("usr/share/zsh/vendor-completions/_{name}"),
         format!("usr/share/fish/vendor_completions.d/{name}.fish"),
     ]
-}
-
-fn repo_root() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    root.canonicalize()
-        .unwrap_or_else(|e| panic!("{}: {e}", root.display()))
 }
 
 /// Runs a command and returns its stdout; fails with its stderr.
@@ -58,55 +50,17 @@ fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The package for `arch`, built by `packaging/build-deb.sh`, which must
+/// name it after the workspace version and put it in target/packages.
 fn build_deb(arch: &str) -> PathBuf {
-    let _guard = BUILD.lock().unwrap_or_else(|e| e.into_inner());
-    let script = repo_root().join("packaging/build-deb.sh");
-    let started = Instant::now();
-    let out = Command::new("bash")
-        .arg(&script)
-        .arg(arch)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "build-deb.sh {arch} failed ({}); the end of its output:\n{}",
-        out.status,
-        tail(&stderr, 60)
-    );
-    eprintln!(
-        "build-deb.sh {arch}: {:.0} s",
-        started.elapsed().as_secs_f64()
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let deb = PathBuf::from(stdout.lines().last().unwrap_or_default().trim());
-    let version = deb_version();
+    let deb = vpcgate_e2e::build_deb(arch).unwrap_or_else(|e| panic!("{e:#}"));
     assert_eq!(
-        deb.file_name().and_then(|n| n.to_str()),
-        Some(format!("vpcgate_{version}_{arch}.deb").as_str()),
-        "build-deb.sh's last line of stdout must be the package's path: {stdout}"
+        deb.parent(),
+        Some(repo_root().join("target/packages").as_path()),
+        "{}",
+        deb.display()
     );
-    if std::env::var_os("VPCGATE_PKG_OUT_DIR").is_none() {
-        assert_eq!(
-            deb.parent(),
-            Some(repo_root().join("target/packages").as_path()),
-            "{}",
-            deb.display()
-        );
-    }
-    assert!(deb.is_file(), "{} does not exist", deb.display());
     deb
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-/// The workspace version as Debian spells it: a Cargo pre-release `-`
-/// becomes `~`, which sorts before the release.
-fn deb_version() -> String {
-    env!("CARGO_PKG_VERSION").replacen('-', "~", 1)
 }
 
 /// A scratch directory, removed when dropped.
@@ -197,6 +151,7 @@ fn check_deb(arch: &str, deb: &Path) {
         "usr/bin/vpcgate",
         UNIT_FILE,
         SYSCTL_FILE,
+        TMPFILES_FILE,
         "usr/share/doc/vpcgate/copyright",
         "usr/share/doc/vpcgate/README.md",
         "usr/share/doc/vpcgate/README.packaging.md",
@@ -236,16 +191,31 @@ fn check_deb(arch: &str, deb: &Path) {
     run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&root));
     run(Command::new("dpkg-deb").arg("-e").arg(deb).arg(&control));
 
-    // The unit and the sysctl file are the repository's.
+    // The unit, the sysctl and the tmpfiles file are the repository's.
     let repo = repo_root();
     for (shipped, source) in [
         (UNIT_FILE, "systemd/vpcgated.service"),
         (SYSCTL_FILE, "packaging/sysctl.d/90-vpcgate.conf"),
+        (TMPFILES_FILE, "packaging/tmpfiles.d/vpcgate.conf"),
     ] {
         let a = std::fs::read(root.join(shipped)).expect(shipped);
         let b = std::fs::read(repo.join(source)).expect(source);
         assert!(a == b, "{shipped} in the package differs from {source}");
     }
+    // Its one line: an ACL entry for the service user on the TUN clone
+    // device, which systemd-nspawn makes 0600.
+    let tmpfiles = std::fs::read_to_string(root.join(TMPFILES_FILE)).expect(TMPFILES_FILE);
+    let lines: Vec<Vec<&str>> = tmpfiles
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        lines,
+        [["a+", "/dev/net/tun", "-", "-", "-", "-", "u:vpcgate:rw"]],
+        "{TMPFILES_FILE}:\n{tmpfiles}"
+    );
     let copyright =
         std::fs::read_to_string(root.join("usr/share/doc/vpcgate/copyright")).expect("copyright");
     assert!(

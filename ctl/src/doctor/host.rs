@@ -6,21 +6,29 @@
 //! [`Host`], so tests point it at fixture directories. Routes come from
 //! `/proc/net/route` and `/proc/net/ipv6_route` with our own longest-prefix
 //! match rather than from netlink or `ip route get`: the CLI stays free of an
-//! async runtime and of child processes for everything but `nft`. The price
-//! is that only the main routing table is seen for IPv4 (that is all
-//! `/proc/net/route` shows) and policy routing rules are ignored, which is
-//! what a gateway VM uses anyway.
+//! async runtime and of child processes for everything but `nft` and the
+//! TUN check's fork. The price is that only the main routing table is seen
+//! for IPv4 (that is all `/proc/net/route` shows) and policy routing rules
+//! are ignored, which is what a gateway VM uses anyway.
+//!
+//! `/dev/net/tun` is opened as the user vpcgated runs as: run as root,
+//! doctor forks a child that becomes the service user `vpcgate` and tries.
 //!
 //! The parsers and the functions that turn what was read into a [`Check`]
-//! are pure; only the methods of [`Host`] touch the system.
+//! are pure; only the methods of [`Host`], [`open_as`] and the user lookup
+//! touch the system.
 
 use std::collections::BTreeSet;
+use std::ffi::{CStr, CString};
 use std::fmt;
-use std::io;
+use std::io::{self, Read};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::ptr;
 use std::time::{Duration, Instant};
 
 use super::{Check, Level};
@@ -47,6 +55,12 @@ const RTF_LOCAL: u32 = 0x8000_0000;
 /// and never the packaged 90-vpcgate.conf itself, which a file of the same
 /// name in /etc would replace.
 const SYSCTL_D: &str = "/etc/sysctl.d";
+
+/// The account the package's unit runs vpcgated as.
+pub const SERVICE_USER: &str = "vpcgate";
+/// What `systemd-tmpfiles` calls the package's file that gives the service
+/// user access to `/dev/net/tun` (/usr/lib/tmpfiles.d/vpcgate.conf).
+const TMPFILES_CONF: &str = "vpcgate.conf";
 
 /// How long `nft list tables` may take before it counts as hung.
 const NFT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -257,7 +271,24 @@ pub enum TunState {
     Usable,
     Missing,
     NotCharDevice,
+    /// EACCES: the file's mode and ACL do not let that user open it.
+    Denied,
     OpenFailed(String),
+    /// Doctor could not become the service user to try.
+    Unchecked(String),
+}
+
+/// Whose access to `/dev/net/tun` doctor checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunUser {
+    /// The service user, from a child that took its uid and gid.
+    Service,
+    /// Root, as there is no service user: without the package vpcgated runs
+    /// as root.
+    Root,
+    /// Whoever runs doctor (this uid): not root, so it cannot become the
+    /// service user.
+    Caller(u32),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -351,23 +382,49 @@ impl Host {
     }
 
     /// Opens the TUN clone device the way vpcgated does, without creating
-    /// an interface (that takes an ioctl this never sends).
-    pub fn tun(&self) -> TunState {
+    /// an interface (that takes an ioctl this never sends). As root, and
+    /// where the service user exists, it opens it as that user: root opens
+    /// it whatever its mode, the service user only if its mode or ACL
+    /// allows.
+    pub fn tun(&self) -> (TunUser, TunState) {
         let path = self.dev.join("net/tun");
+        // SAFETY: geteuid cannot fail and touches no memory.
+        let euid = unsafe { libc::geteuid() };
+        let service = if euid == 0 {
+            lookup_user(SERVICE_USER)
+        } else {
+            None
+        };
+        let who = match service {
+            Some(_) => TunUser::Service,
+            None if euid == 0 => TunUser::Root,
+            None => TunUser::Caller(euid),
+        };
         match std::fs::metadata(&path) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return TunState::Missing,
-            Err(e) => return TunState::OpenFailed(e.to_string()),
-            Ok(meta) if !meta.file_type().is_char_device() => return TunState::NotCharDevice,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return (who, TunState::Missing),
+            Err(e) => return (who, TunState::OpenFailed(e.to_string())),
+            Ok(meta) if !meta.file_type().is_char_device() => {
+                return (who, TunState::NotCharDevice)
+            }
             Ok(_) => {}
         }
-        match std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-        {
-            Ok(_) => TunState::Usable,
+        let opened = match service {
+            Some((uid, gid)) => match open_as(&path, uid, gid) {
+                Ok(opened) => opened,
+                Err(e) => return (who, TunState::Unchecked(e.to_string())),
+            },
+            None => std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map(drop),
+        };
+        let state = match opened {
+            Ok(()) => TunState::Usable,
+            Err(e) if e.raw_os_error() == Some(libc::EACCES) => TunState::Denied,
             Err(e) => TunState::OpenFailed(e.to_string()),
-        }
+        };
+        (who, state)
     }
 
     /// Runs `nft list tables` with a time limit.
@@ -434,6 +491,148 @@ impl Host {
                 error: e.to_string(),
             },
         }
+    }
+}
+
+/// The uid and gid of the user `name`; none if there is no such user or the
+/// user database cannot be read.
+fn lookup_user(name: &str) -> Option<(libc::uid_t, libc::gid_t)> {
+    let name = CString::new(name).ok()?;
+    let mut size = 4096;
+    loop {
+        // SAFETY: passwd is plain data, for which all zeros is a valid value.
+        let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut buf = vec![0 as libc::c_char; size];
+        let mut found: *mut libc::passwd = ptr::null_mut();
+        // SAFETY: every pointer is valid for the call, and buf's length is
+        // the one given; the strings in entry point into buf, which is not
+        // read after it is dropped.
+        let rc = unsafe {
+            libc::getpwnam_r(
+                name.as_ptr(),
+                &mut entry,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut found,
+            )
+        };
+        match rc {
+            0 if found.is_null() => return None,
+            0 => return Some((entry.pw_uid, entry.pw_gid)),
+            libc::ERANGE if size < 1 << 20 => size *= 4,
+            _ => return None,
+        }
+    }
+}
+
+/// What the child of [`open_as`] was doing when a call failed.
+const STEP_SETGROUPS: u8 = 1;
+const STEP_SETGID: u8 = 2;
+const STEP_SETUID: u8 = 3;
+const STEP_OPEN: u8 = 4;
+
+/// Opens `path` for reading and writing as `uid` and `gid`, with no
+/// supplementary groups and no capabilities, and closes it again. This runs
+/// in a forked child, since a process that gives up root cannot get it back.
+/// The outer error means the check could not be made (no fork, or the switch
+/// to that user failed); the inner result is open's.
+pub fn open_as(path: &Path, uid: libc::uid_t, gid: libc::gid_t) -> io::Result<io::Result<()>> {
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in the path"))?;
+    let mut fds = [0; 2];
+    // SAFETY: fds has room for the two descriptors pipe2 writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 just opened both, and nothing else owns them.
+    let (reader, writer) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: the child only makes async-signal-safe calls and then _exits,
+    // so fork is sound even when other threads hold locks.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid == 0 {
+        // SAFETY: this is the child, c_path is a valid C string and writer
+        // an open descriptor.
+        unsafe { open_as_child(&c_path, uid, gid, writer.as_raw_fd()) }
+    }
+    drop(writer);
+    // The child writes five bytes when a call fails and nothing when the
+    // open succeeds; either way its exit closes the pipe.
+    let mut report = Vec::new();
+    let read = std::fs::File::from(reader).read_to_end(&mut report);
+    let mut status = 0;
+    loop {
+        // SAFETY: pid is our child, and status a valid place for its status.
+        if unsafe { libc::waitpid(pid, &mut status, 0) } == pid {
+            break;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    read?;
+    match report[..] {
+        [] if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 => Ok(Ok(())),
+        [step, a, b, c, d] => {
+            let e = io::Error::from_raw_os_error(i32::from_ne_bytes([a, b, c, d]));
+            let call = match step {
+                STEP_OPEN => return Ok(Err(e)),
+                STEP_SETGROUPS => "setgroups",
+                STEP_SETGID => "setgid",
+                STEP_SETUID => "setuid",
+                _ => "an unknown call",
+            };
+            Err(io::Error::new(
+                e.kind(),
+                format!("cannot become uid {uid} gid {gid} ({call}: {e})"),
+            ))
+        }
+        _ => Err(io::Error::other(format!(
+            "the child that opens {} as uid {uid} ended with wait status {status:#x}",
+            path.display()
+        ))),
+    }
+}
+
+/// The child of [`open_as`]: only async-signal-safe calls, then `_exit`.
+/// On failure it writes the step and errno to `report`.
+///
+/// # Safety
+///
+/// Only in a child just forked, whose other threads are gone; `report` must
+/// be open.
+unsafe fn open_as_child(path: &CStr, uid: libc::uid_t, gid: libc::gid_t, report: RawFd) -> ! {
+    // SAFETY: each call takes valid arguments and is async-signal-safe; the
+    // order matters, as setuid takes away the right to the other two.
+    let step = unsafe {
+        if libc::setgroups(0, ptr::null()) != 0 {
+            STEP_SETGROUPS
+        } else if libc::setgid(gid) != 0 {
+            STEP_SETGID
+        } else if libc::setuid(uid) != 0 {
+            STEP_SETUID
+        } else if libc::open(
+            path.as_ptr(),
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        ) >= 0
+        {
+            // Exiting closes it.
+            libc::_exit(0)
+        } else {
+            STEP_OPEN
+        }
+    };
+    // SAFETY: __errno_location returns this thread's errno, always valid.
+    let errno = unsafe { *libc::__errno_location() }.to_ne_bytes();
+    let message = [step, errno[0], errno[1], errno[2], errno[3]];
+    // SAFETY: message is valid for its length; a failed write leaves the
+    // parent with no report and a non-zero status, which it reports.
+    unsafe {
+        libc::write(report, message.as_ptr().cast(), message.len());
+        libc::_exit(1)
     }
 }
 
@@ -753,17 +952,63 @@ pub fn listen_port(port: u16, bound: io::Result<(BTreeSet<u16>, BTreeSet<u16>)>)
     }
 }
 
-pub fn tun(path: &Path, state: TunState) -> Check {
+/// Whether `/dev/net/tun` opens, for whom: see [`Host::tun`].
+pub fn tun(path: &Path, who: TunUser, state: TunState) -> Check {
     let id = "tun_device";
     let p = path.display();
+    let (user, note) = match who {
+        TunUser::Service => (format!("the service user {SERVICE_USER}"), String::new()),
+        TunUser::Root => (
+            "root".to_string(),
+            format!(
+                "; there is no user {SERVICE_USER}, and without the package vpcgated runs as root"
+            ),
+        ),
+        TunUser::Caller(uid) => (
+            format!("uid {uid}, who runs doctor"),
+            format!("; only doctor run as root checks it for the service user {SERVICE_USER}"),
+        ),
+    };
     match state {
-        TunState::Usable => Check::new(id, Level::Ok, format!("{p} opens")),
+        TunState::Usable => Check::new(id, Level::Ok, format!("{p} opens for {user}{note}")),
+        // Opening the clone device grants nothing by itself: creating an
+        // interface takes TUNSETIFF, which needs CAP_NET_ADMIN. That is why
+        // udev makes it 0666; systemd-nspawn and some minimal images make
+        // it 0600.
+        TunState::Denied => match who {
+            TunUser::Service => Check::new(
+                id,
+                Level::Fail,
+                format!("{p} does not open for {user} (permission denied), so vpcgated cannot create its interface"),
+            )
+            .fix(format!("systemd-tmpfiles --create {TMPFILES_CONF}  # the package's ACL entry for {SERVICE_USER}, which every boot applies again"))
+            .fix("or make it 0666, as udev does: chmod 0666 /dev/net/tun  # lasts until /dev is rebuilt at the next boot".to_string()),
+            TunUser::Caller(_) => Check::new(
+                id,
+                Level::Warn,
+                format!("{p} does not open for {user} (permission denied), which does not say whether vpcgated can open it{note}"),
+            )
+            .fix(format!("sudo vpcgate doctor  # checks it for the service user {SERVICE_USER}")),
+            TunUser::Root => Check::new(
+                id,
+                Level::Fail,
+                format!("{p} does not open for {user} (permission denied), so vpcgated cannot create its interface{note}"),
+            )
+            .fix("chmod 0666 /dev/net/tun  # as udev makes it".to_string())
+            .fix("in a container: pass the device and the capability (docker run --device /dev/net/tun --cap-add NET_ADMIN)".to_string()),
+        },
+        TunState::Unchecked(e) => Check::new(
+            id,
+            Level::Warn,
+            format!("cannot tell whether {p} opens for {user}: {e}"),
+        )
+        .fix(format!("runuser -u {SERVICE_USER} -- sh -c ': <>/dev/net/tun'  # the same check by hand: silent if it opens")),
         TunState::Missing => Check::new(id, Level::Fail, format!("{p} is missing, so vpcgated cannot create its interface"))
             .fix("modprobe tun".to_string())
             .fix("mkdir -p /dev/net && mknod /dev/net/tun c 10 200 && chmod 0666 /dev/net/tun  # if it is still missing".to_string()),
         TunState::NotCharDevice => Check::new(id, Level::Fail, format!("{p} is not a character device"))
             .fix("rm /dev/net/tun && mknod /dev/net/tun c 10 200 && chmod 0666 /dev/net/tun".to_string()),
-        TunState::OpenFailed(e) => Check::new(id, Level::Fail, format!("{p} does not open: {e}"))
+        TunState::OpenFailed(e) => Check::new(id, Level::Fail, format!("{p} does not open for {user}: {e}"))
             .fix("modprobe tun".to_string())
             .fix("in a container: pass the device and the capability (docker run --device /dev/net/tun --cap-add NET_ADMIN)".to_string()),
     }
@@ -1171,13 +1416,27 @@ fd000065010100000000000000000000 40 00000000000000000000000000000000 00 fd000064
         assert_eq!(free.fix[0], "systemctl restart vpcgated");
 
         let path = Path::new("/dev/net/tun");
-        assert_eq!(tun(path, TunState::Usable).status, Level::Ok);
-        let missing = tun(path, TunState::Missing);
+        let service = tun(path, TunUser::Service, TunState::Usable);
+        assert_eq!(service.status, Level::Ok);
+        assert_eq!(
+            service.message,
+            "/dev/net/tun opens for the service user vpcgate"
+        );
+        let missing = tun(path, TunUser::Service, TunState::Missing);
         assert_eq!(missing.status, Level::Fail);
         assert_eq!(missing.fix[0], "modprobe tun");
-        assert_eq!(
-            tun(path, TunState::OpenFailed("EPERM".into())).status,
-            Level::Fail
+        let failed = tun(
+            path,
+            TunUser::Service,
+            TunState::OpenFailed("Operation not permitted".into()),
+        );
+        assert_eq!(failed.status, Level::Fail);
+        assert!(
+            failed
+                .message
+                .ends_with("for the service user vpcgate: Operation not permitted"),
+            "{}",
+            failed.message
         );
 
         assert_eq!(
@@ -1193,6 +1452,132 @@ fd000065010100000000000000000000 40 00000000000000000000000000000000 00 fd000064
         });
         assert!(broken.message.contains("Operation not supported"));
         assert_eq!(broken.fix[0], "modprobe nf_tables");
+    }
+
+    #[test]
+    fn tun_says_whose_access_it_checked() {
+        let path = Path::new("/dev/net/tun");
+
+        // systemd-nspawn's 0600 device: the service user is refused.
+        let denied = tun(path, TunUser::Service, TunState::Denied);
+        assert_eq!(denied.status, Level::Fail);
+        assert!(
+            denied.message.starts_with(
+                "/dev/net/tun does not open for the service user vpcgate (permission denied)"
+            ),
+            "{}",
+            denied.message
+        );
+        assert!(
+            denied.fix[0].starts_with("systemd-tmpfiles --create vpcgate.conf  #"),
+            "{:?}",
+            denied.fix
+        );
+        assert!(
+            denied.fix[1].contains(": chmod 0666 /dev/net/tun  #"),
+            "{:?}",
+            denied.fix
+        );
+
+        let root = tun(path, TunUser::Root, TunState::Usable);
+        assert_eq!(root.status, Level::Ok);
+        assert_eq!(
+            root.message,
+            "/dev/net/tun opens for root; there is no user vpcgate, and without the package vpcgated runs as root"
+        );
+        let root_denied = tun(path, TunUser::Root, TunState::Denied);
+        assert_eq!(root_denied.status, Level::Fail);
+        assert!(
+            root_denied.fix[0].starts_with("chmod 0666 /dev/net/tun"),
+            "{:?}",
+            root_denied.fix
+        );
+
+        let caller = tun(path, TunUser::Caller(1000), TunState::Usable);
+        assert_eq!(caller.status, Level::Ok);
+        assert_eq!(
+            caller.message,
+            "/dev/net/tun opens for uid 1000, who runs doctor; only doctor run as root checks it for the service user vpcgate"
+        );
+        // Refused for an operator says nothing about the service user.
+        let caller_denied = tun(path, TunUser::Caller(1000), TunState::Denied);
+        assert_eq!(caller_denied.status, Level::Warn);
+        assert!(
+            caller_denied.fix[0].starts_with("sudo vpcgate doctor"),
+            "{:?}",
+            caller_denied.fix
+        );
+
+        let unchecked = tun(
+            path,
+            TunUser::Service,
+            TunState::Unchecked(
+                "cannot become uid 998 gid 998 (setuid: Operation not permitted)".into(),
+            ),
+        );
+        assert_eq!(unchecked.status, Level::Warn);
+        assert!(
+            unchecked.message.starts_with(
+                "cannot tell whether /dev/net/tun opens for the service user vpcgate: cannot become"
+            ),
+            "{}",
+            unchecked.message
+        );
+        assert!(
+            unchecked.fix[0].starts_with("runuser -u vpcgate -- sh -c ': <>/dev/net/tun'"),
+            "{:?}",
+            unchecked.fix
+        );
+    }
+
+    /// Opens files as nobody (65534) from a forked child. Needs root, to
+    /// become nobody; fails when not run as root, never passes silently.
+    #[test]
+    fn open_as_checks_the_users_access_not_roots() {
+        // SAFETY: geteuid cannot fail and touches no memory.
+        if unsafe { libc::geteuid() } != 0 {
+            panic!(
+                "must run as root: this test becomes another user \
+                 (run `sudo -E cargo test --release -p vpcgate`)"
+            );
+        }
+        use std::os::unix::fs::PermissionsExt;
+        const NOBODY: u32 = 65534;
+        let dir =
+            std::env::temp_dir().join(format!("vpcgate-doctor-open-as-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
+        let file = |name: &str, mode: u32| {
+            let path = dir.join(name);
+            std::fs::write(&path, "").expect("write");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            path
+        };
+        let private = file("private", 0o600);
+        let open = file("open", 0o666);
+
+        let refused = open_as(&private, NOBODY, NOBODY).expect("the check runs");
+        assert_eq!(
+            refused.as_ref().map_err(io::Error::raw_os_error),
+            Err(Some(libc::EACCES)),
+            "{refused:?}"
+        );
+        assert!(
+            open_as(&open, NOBODY, NOBODY)
+                .expect("the check runs")
+                .is_ok(),
+            "a 0666 file opens for nobody"
+        );
+        // As uid 0 the child opens it: the refusal came from becoming nobody.
+        assert!(open_as(&private, 0, 0).expect("the check runs").is_ok());
+        let gone = open_as(&dir.join("gone"), NOBODY, NOBODY).expect("the check runs");
+        assert_eq!(
+            gone.as_ref().map_err(io::Error::raw_os_error),
+            Err(Some(libc::ENOENT)),
+            "{gone:?}"
+        );
+        std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 
     #[test]
@@ -1239,7 +1624,7 @@ fd000065010100000000000000000000 40 00000000000000000000000000000000 00 fd000064
         let (v4, v6) = host.udp_ports().expect("udp");
         assert!(v4.contains(&51820) && v6.is_empty());
         // A regular file is not the TUN clone device.
-        assert_eq!(host.tun(), TunState::NotCharDevice);
+        assert_eq!(host.tun().1, TunState::NotCharDevice);
         std::fs::remove_dir_all(&root).expect("cleanup");
     }
 }

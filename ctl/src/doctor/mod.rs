@@ -312,7 +312,8 @@ pub fn run_checks(host: &Host, options: &Options) -> Vec<Check> {
         checks.push(host::listen_port(v.listen_port, host.udp_ports()));
     }
     checks.push(host::nftables(host.nft()));
-    checks.push(host::tun(&host.dev.join("net/tun"), host.tun()));
+    let (tun_user, tun_state) = host.tun();
+    checks.push(host::tun(&host.dev.join("net/tun"), tun_user, tun_state));
 
     let dmi = cloud::Dmi::read(&options.dmi_dir);
     let provider = cloud::detect(&dmi);
