@@ -334,9 +334,14 @@ fn systemd_notify_ready_then_watchdog_and_reload() {
     let mut peers: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("JSON");
     let added = vpcgate_e2e::gen_keypair().expect("key");
-    peers.as_array_mut().expect("list").push(serde_json::json!({
-        "name": "by-hand", "public_key": added.public, "allowed_ips": ["100.64.0.3/32"]
-    }));
+    // State format 2: {"format": 2, "peers": [...]}.
+    assert_eq!(peers["format"], 2, "{peers}");
+    peers["peers"]
+        .as_array_mut()
+        .expect("list")
+        .push(serde_json::json!({
+            "name": "by-hand", "public_key": added.public, "allowed_ips": ["100.64.0.3/32"]
+        }));
     std::fs::write(&path, serde_json::to_string(&peers).expect("JSON")).expect("write");
     dev.process()
         .signal(nix::sys::signal::Signal::SIGHUP)

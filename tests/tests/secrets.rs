@@ -94,7 +94,7 @@ fn no_key_reaches_the_log_status_or_metrics() {
     cfg.extra_args = vec!["--metrics-listen".into(), "127.0.0.1:9586".into()];
     let mut gw = WgDev::vpcgated(&ns_a, "sa", &cfg).or_die("vpcgated starts");
     let ctl = Vpcgate::for_dev(&gw).or_die("CLI");
-    let first_key = std::fs::read_to_string(state.join("private.key")).or_die("read key");
+    let first_key = gw.show_field("private-key").or_die("read key");
 
     ctl.run(&["set", "--public-endpoint", "198.18.0.1:51820"])
         .or_die("public endpoint");
