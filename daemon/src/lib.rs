@@ -1,6 +1,7 @@
 //! vpcgated: a userspace WireGuard subnet router.
 //!
-//! The crate is a core that does no I/O ([`core`], [`config`], [`subnet`]) inside a thin
+//! The crate is a core that does no I/O ([`core`], the `vpcgate-node` crate;
+//! [`config`], [`subnet`]) inside a thin
 //! I/O shell ([`dataplane`], [`netlink`], [`nat`], [`uapi`], [`control`], [`state`]),
 //! started and stopped by [`daemon`]. ARCHITECTURE.md at the repository root
 //! has the diagram and the thread map.
@@ -8,7 +9,8 @@
 pub mod access;
 pub mod config;
 pub mod control;
-pub mod core;
+/// The WireGuard node, a crate of its own so that nothing in it can do I/O.
+pub use vpcgate_node as core;
 pub mod daemon;
 pub mod dataplane;
 #[doc(hidden)]
