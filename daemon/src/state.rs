@@ -846,13 +846,18 @@ mod tests {
     #[test]
     fn state_of_0_1_0_holds_what_it_was_given() {
         let load = |node: &str| {
-            let state = StateDir::open(&fixtures().join("0.1.0").join(node)).expect("open");
+            // A copy: opening a state directory makes it 0700.
+            let dir = tempdir(&format!("holds-{node}"));
+            copy_dir(&fixtures().join("0.1.0").join(node), &dir);
+            let state = StateDir::open(&dir).expect("open");
             let settings = state
                 .load_settings()
                 .expect("settings")
                 .expect("some")
                 .value;
-            (settings, state.load_peers().expect("peers").value)
+            let peers = state.load_peers().expect("peers").value;
+            let _ = fs::remove_dir_all(&dir);
+            (settings, peers)
         };
         let (gw, gw_peers) = load("gateway");
         assert_eq!(gw.listen_port, 51901);
