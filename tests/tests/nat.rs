@@ -1,28 +1,20 @@
 //! vpcgated's SNAT tables (`vpcgated::nat::NftNat`) against the real
-//! kernel and nft. Each test runs in its own network namespace (`ip netns
-//! add vgnat-<pid>-<n>`), which is deleted when the test ends, pass or fail;
+//! kernel and nft. Each test runs in its own network namespace (the
+//! harness's `Netns`), which is deleted when the test ends, pass or fail;
 //! `NftNat::in_netns` runs nft through `ip netns exec`. They need root and
 //! fail, never skip, without it. (They were the daemon crate's
 //! `nat::kernel_tests`; moved here, they leave that crate's unit tests
 //! runnable by an unprivileged user.)
 
-use std::fs::File;
-use std::io::Write;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use vpcgate_e2e::Netns;
 use vpcgated::nat::*;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-fn require_root() {
-    if !nix::unistd::geteuid().is_root() {
-        panic!("must run as root: these tests create network namespaces and nftables tables");
-    }
-}
 
 fn unique(prefix: &str) -> String {
     format!(
@@ -32,63 +24,27 @@ fn unique(prefix: &str) -> String {
     )
 }
 
-fn run(argv: &[&str], stdin: Option<&str>) -> Output {
-    let mut cmd = Command::new(argv[0]);
-    cmd.args(&argv[1..])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        });
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("{argv:?}: {e}"));
-    if let Some(text) = stdin {
-        let mut pipe = child.stdin.take().expect("stdin");
-        pipe.write_all(text.as_bytes()).expect("write stdin");
-    }
-    child.wait_with_output().expect("wait")
-}
-
-fn check(argv: &[&str]) -> String {
-    let out = run(argv, None);
-    assert!(
-        out.status.success(),
-        "{argv:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A network namespace deleted on drop (also while unwinding).
-struct TestNs {
-    name: String,
-}
+/// One of the harness's namespaces (deleted on drop, also while
+/// unwinding), with nft helpers.
+struct TestNs(Netns);
 
 impl TestNs {
     fn new() -> Self {
-        require_root();
-        let name = unique("vgnat-");
-        check(&["ip", "netns", "add", &name]);
-        TestNs { name }
+        TestNs(Netns::new("nat").unwrap_or_else(|e| panic!("{e:#}")))
+    }
+
+    fn name(&self) -> &str {
+        self.0.name()
     }
 
     fn exec(&self, argv: &[&str]) -> String {
-        let mut full = vec!["ip", "netns", "exec", &self.name];
-        full.extend_from_slice(argv);
-        check(&full)
+        self.0.exec(argv).unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     fn nft_script(&self, text: &str) {
-        let out = run(
-            &["ip", "netns", "exec", &self.name, "nft", "-f", "-"],
-            Some(text),
-        );
-        assert!(
-            out.status.success(),
-            "nft: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        self.0
+            .exec_stdin(&["nft", "-f", "-"], text.as_bytes())
+            .unwrap_or_else(|e| panic!("nft: {e:#}"));
     }
 
     fn ruleset(&self) -> String {
@@ -116,12 +72,10 @@ impl TestNs {
 
     /// The table listing with handles (`nft -a`), or `None` if absent.
     fn table(&self, family: &str, name: &str) -> Option<String> {
-        let out = run(
-            &[
-                "ip", "netns", "exec", &self.name, "nft", "-a", "list", "table", family, name,
-            ],
-            None,
-        );
+        let out = self
+            .0
+            .exec_raw(&["nft", "-a", "list", "table", family, name])
+            .unwrap_or_else(|e| panic!("{e:#}"));
         out.status
             .success()
             .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
@@ -129,39 +83,26 @@ impl TestNs {
 
     /// Detects the form, as the daemon's does.
     fn nat(&self) -> NftNat {
-        NftNat::in_netns(&self.name)
+        NftNat::in_netns(self.name())
     }
 
     fn nat_in(&self, form: NatForm) -> NftNat {
-        NftNat::in_netns(&self.name).force_form(form)
+        NftNat::in_netns(self.name()).force_form(form)
     }
 
     /// Runs `f` on a thread that has entered this namespace; sockets it
     /// creates stay in the namespace.
     fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/run/netns/{}", self.name);
         std::thread::scope(|s| {
             s.spawn(|| {
-                let fd = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-                nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+                self.0
+                    .enter_current_thread()
+                    .unwrap_or_else(|e| panic!("{e:#}"));
                 f()
             })
             .join()
             .expect("thread in netns panicked")
         })
-    }
-}
-
-impl Drop for TestNs {
-    fn drop(&mut self) {
-        let out = run(&["ip", "netns", "del", &self.name], None);
-        if !out.status.success() {
-            eprintln!(
-                "could not delete netns {}: {}",
-                self.name,
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
     }
 }
 
@@ -518,7 +459,7 @@ fn bad_interface_creates_nothing() {
 
 #[test]
 fn nft_failure_is_reported_and_retried() {
-    require_root();
+    vpcgate_e2e::require_root();
     let missing = unique("vgnat-missing-");
     let s = state("vgt0", true, &["198.19.0.0/24"]);
     let mut nat = NftNat::in_netns(&missing);
@@ -703,10 +644,20 @@ fn forwarded_traffic_leaves_with_the_gateway_address(form: NatForm) {
         "name",
         "c0",
         "netns",
-        &client.name,
+        client.name(),
     ]);
     gw.exec(&[
-        "ip", "link", "add", out, "type", "veth", "peer", "name", "f0", "netns", &far.name,
+        "ip",
+        "link",
+        "add",
+        out,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "f0",
+        "netns",
+        far.name(),
     ]);
     for (ns, dev, v4, v6) in [
         (&client, "c0", "198.18.1.2/24", "fd00:db8:c::2/64"),
