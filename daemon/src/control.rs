@@ -1,7 +1,6 @@
 //! The control socket that `vpcgate` talks to, speaking the framed JSON
 //! protocol of the `vpcgate-proto` crate.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -9,12 +8,12 @@ use tokio::net::{UnixListener, UnixStream};
 use vpcgate_proto::{self as proto, Request, Response};
 
 use crate::access::Access;
-use crate::daemon::Daemon;
+use crate::handle::Handle;
 
 /// A client that stalls mid-frame is dropped after this long.
 const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>, access: Access) {
+pub async fn serve(listener: UnixListener, daemon: Handle, access: Access) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) if !access.allows(std::os::fd::AsFd::as_fd(&stream)) => {
@@ -36,7 +35,7 @@ pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>, access: Access) 
     }
 }
 
-async fn handle(mut stream: UnixStream, daemon: &Daemon) -> std::io::Result<()> {
+async fn handle(mut stream: UnixStream, daemon: &Handle) -> std::io::Result<()> {
     loop {
         let mut prefix = [0u8; 4];
         match stream.read_exact(&mut prefix).await {

@@ -1,5 +1,5 @@
 //! One entry point per fuzz target, shared by the cargo-fuzz targets in
-//! `fuzz/` and by the corpus replay in `daemon/tests/fuzz_corpus.rs`, so each
+//! `fuzz/` and by the corpus replay below, so each
 //! harness is written once.
 //!
 //! Each function takes arbitrary bytes, feeds them to a parser of untrusted
@@ -8,17 +8,21 @@
 //! panic is a bug in the code under test. Not part of the daemon's API.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::path::Path;
 
 use ipnet::{IpNet, Ipv4Net};
 use vpcgate_proto::{self as proto, FrameError, Request, Response};
 
-use crate::config::DeviceConfig;
 use crate::core::mss::{clamp_mss, mss_for_mtu};
 use crate::core::packet::IpPacket;
 use crate::core::routes_msg::{self, Message, MAX_PACKET, MAX_ROUTES};
-use crate::uapi::proto::{format_get, Request as UapiRequest, RequestParser};
-use crate::{daemon, state, subnet};
+use crate::state;
+use crate::uapi::text::{format_get, Request as UapiRequest, RequestParser};
+use vpcgate_plane::device::DeviceConfig;
+use vpcgate_plane::intent::{plan, Intent};
+use vpcgate_plane::model::Desired;
+use vpcgate_plane::settings::{validate_addresses, Settings};
+use vpcgate_plane::stored::{restore_peers, stored_peers};
+use vpcgate_plane::{key, policy as subnet};
 
 /// A packet as read from the TUN or decrypted from a peer: the checked view,
 /// then the MSS clamp under several limits, each on a fresh copy and all in
@@ -180,7 +184,7 @@ pub fn uapi(data: &[u8]) {
     let mut parser = RequestParser::new();
     // The same lines as text, for as long as every line is UTF-8.
     let mut text_parser = Some(RequestParser::new());
-    let mut config = DeviceConfig::new(None, 0);
+    let mut config = fresh_device();
     for line in data.split_inclusive(|&b| b == b'\n') {
         let line = line.strip_suffix(b"\n").unwrap_or(line);
         let result = parser.push_line_bytes(line);
@@ -203,12 +207,12 @@ pub fn uapi(data: &[u8]) {
             Ok(None) => {}
             Ok(Some(UapiRequest::Get)) => {
                 let mut reply = String::new();
-                format_get(&config.view(), &mut reply);
+                format_get(&uapi_view(&config), &mut reply);
                 assert!(reply.ends_with("errno=0\n\n"));
             }
             Ok(Some(UapiRequest::Set(set))) => {
-                if let Ok((next, _plan)) = config.apply(set) {
-                    config = next;
+                if let Ok(planned) = plan(&config, Intent::UapiSet(set)) {
+                    config = planned.desired;
                     get_reply_round_trips(&config);
                 }
             }
@@ -216,10 +220,24 @@ pub fn uapi(data: &[u8]) {
     }
 }
 
+/// A device as a plain interface starts: no key, no address, no port.
+fn fresh_device() -> Desired {
+    match Desired::restore("fuzz0", None, Settings::new(Vec::new(), 0), &[]) {
+        Ok(desired) => desired,
+        Err(e) => panic!("an empty device does not build: {e}"),
+    }
+}
+
+fn uapi_view(desired: &Desired) -> crate::uapi::text::DeviceView {
+    crate::uapi::view(desired, desired.settings.listen_port, |_| {
+        vpcgate_plane::view::PeerLive::default()
+    })
+}
+
 /// What `wg showconf` then `wg setconf` does: the settable lines of a `get`
 /// reply, sent back as a `set` that replaces every peer, rebuild the same
 /// state on a fresh device.
-fn get_reply_round_trips(config: &DeviceConfig) {
+fn get_reply_round_trips(config: &Desired) {
     const REPORT_ONLY: [&str; 5] = [
         "last_handshake_time_sec",
         "last_handshake_time_nsec",
@@ -227,7 +245,7 @@ fn get_reply_round_trips(config: &DeviceConfig) {
         "rx_bytes",
         "errno",
     ];
-    let view = config.view();
+    let view = uapi_view(config);
     let mut reply = String::new();
     format_get(&view, &mut reply);
     let settable = reply.lines().filter(|line| {
@@ -249,12 +267,12 @@ fn get_reply_round_trips(config: &DeviceConfig) {
     let Some(UapiRequest::Set(set)) = request else {
         panic!("the set request built from a get reply did not complete");
     };
-    let rebuilt = match DeviceConfig::new(None, 0).apply(set) {
-        Ok((rebuilt, _plan)) => rebuilt,
+    let rebuilt = match plan(&fresh_device(), Intent::UapiSet(set)) {
+        Ok(planned) => planned.desired,
         Err(e) => panic!("a get reply does not apply: {e}"),
     };
     assert_eq!(
-        rebuilt.view(),
+        uapi_view(&rebuilt),
         view,
         "showconf then setconf changes nothing"
     );
@@ -331,14 +349,14 @@ fn check_request_fields(request: &Request) {
                     .map(|text| text.parse::<IpNet>())
                     .collect();
                 if let Ok(addresses) = parsed {
-                    let _ = daemon::validate_addresses(&addresses);
+                    let _ = validate_addresses(&addresses);
                 }
             }
         }
         Request::PeerAdd(add) => {
             let _ = subnet::validate_name(&add.name);
             if let Some(key) = &add.public_key {
-                let _ = daemon::parse_key(key);
+                let _ = key::parse_key(key);
             }
             if let Some(endpoint) = &add.endpoint {
                 let _ = subnet::validate_endpoint(endpoint);
@@ -394,7 +412,7 @@ pub fn state(data: &[u8]) {
         }
     }
     if let Ok(settings) = state::parse_settings(text).map(|s| s.value) {
-        let _ = daemon::validate_addresses(&settings.addresses);
+        let _ = validate_addresses(&settings.addresses);
         let json = state::encode_settings(&settings).unwrap_or_default();
         match std::str::from_utf8(&json).map(state::parse_settings) {
             Ok(Ok(again)) => assert_eq!(
@@ -409,21 +427,20 @@ pub fn state(data: &[u8]) {
         }
     }
     if let Ok(stored) = state::parse_peers(text).map(|p| p.value) {
-        let path = Path::new("peers.json");
-        let mut config = DeviceConfig::new(None, 0);
-        if daemon::restore_peers(&mut config, &stored, path).is_ok() {
-            let saved = state::encode_peers(&daemon::stored_peers(&config)).unwrap_or_default();
+        let mut config = DeviceConfig::new(None);
+        if restore_peers(&mut config, &stored).is_ok() {
+            let saved = state::encode_peers(&stored_peers(&config)).unwrap_or_default();
             let reloaded = match std::str::from_utf8(&saved).map(state::parse_peers) {
                 Ok(Ok(reloaded)) if reloaded.format == state::FORMAT => reloaded.value,
                 Ok(Ok(reloaded)) => panic!("saved peers load as format {}", reloaded.format),
                 Ok(Err(e)) => panic!("saved peers do not parse: {e}"),
                 Err(e) => panic!("saved peers are not UTF-8: {e}"),
             };
-            let mut again = DeviceConfig::new(None, 0);
-            if let Err(e) = daemon::restore_peers(&mut again, &reloaded, path) {
+            let mut again = DeviceConfig::new(None);
+            if let Err(e) = restore_peers(&mut again, &reloaded) {
                 panic!("saved peers do not load: {e}");
             }
-            let resaved = state::encode_peers(&daemon::stored_peers(&again)).unwrap_or_default();
+            let resaved = state::encode_peers(&stored_peers(&again)).unwrap_or_default();
             assert!(
                 *resaved == *saved,
                 "loading saved peers and saving them again changes the file"
@@ -523,4 +540,74 @@ fn fold(mut sum: u32) -> u16 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     sum as u16
+}
+
+/// Replays the committed fuzz corpus (`fuzz/corpus/<target>/`) through the
+/// same entry points the cargo-fuzz targets call, so every input a fuzzer
+/// ever kept, crash reproducers included, is rerun by the ordinary test
+/// command on stable Rust. A missing or empty corpus directory fails: the
+/// replay never passes by finding nothing.
+#[cfg(test)]
+mod corpus {
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+    use std::path::{Path, PathBuf};
+
+    use super as fuzzing;
+
+    fn replay(target: &str, run: fn(&[u8])) {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../fuzz/corpus")
+            .join(target);
+        let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| {
+            panic!(
+                "cannot read the corpus of fuzz target {target} at {}: {e}",
+                dir.display()
+            )
+        });
+        let mut files: Vec<PathBuf> = entries
+            .map(|entry| entry.map(|e| e.path()))
+            .collect::<Result<_, _>>()
+            .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()));
+        files.retain(|path| path.is_file());
+        files.sort();
+        assert!(
+            !files.is_empty(),
+            "the corpus of fuzz target {target} at {} is empty; commit one (see fuzz/README.md)",
+            dir.display()
+        );
+        for path in &files {
+            let data = std::fs::read(path)
+                .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+            if let Err(panic) = catch_unwind(AssertUnwindSafe(|| run(&data))) {
+                eprintln!("fuzz target {target} failed on {}", path.display());
+                std::panic::resume_unwind(panic);
+            }
+        }
+        println!("fuzz target {target}: replayed {} inputs", files.len());
+    }
+
+    #[test]
+    fn packet_corpus() {
+        replay("packet", fuzzing::packet);
+    }
+
+    #[test]
+    fn uapi_corpus() {
+        replay("uapi", fuzzing::uapi);
+    }
+
+    #[test]
+    fn control_corpus() {
+        replay("control", fuzzing::control);
+    }
+
+    #[test]
+    fn state_corpus() {
+        replay("state", fuzzing::state);
+    }
+
+    #[test]
+    fn routes_msg_corpus() {
+        replay("routes_msg", fuzzing::routes_msg);
+    }
 }

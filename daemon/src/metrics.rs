@@ -7,32 +7,17 @@
 //! plane's state; nothing here touches the data path.
 
 use std::fmt::Write as _;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::daemon::Daemon;
+use crate::handle::Handle;
 
 const MAX_REQUEST: usize = 8 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// One peer's figures, as the exposition needs them.
-pub struct PeerSample {
-    pub name: Option<String>,
-    pub public_key: String,
-    pub rx_bytes: u64,
-    pub tx_bytes: u64,
-    pub last_handshake: Option<SystemTime>,
-}
-
-pub struct Sample {
-    pub peers: Vec<PeerSample>,
-    pub drops: Vec<(&'static str, u64)>,
-    pub advertised_routes: usize,
-    pub accepted_routes: usize,
-}
+pub use vpcgate_plane::view::{PeerSample, Sample};
 
 /// Renders the text exposition format.
 pub fn render(sample: &Sample, now: SystemTime) -> String {
@@ -132,7 +117,7 @@ pub fn render(sample: &Sample, now: SystemTime) -> String {
     out
 }
 
-pub async fn serve(listener: TcpListener, daemon: Arc<Daemon>) {
+pub async fn serve(listener: TcpListener, daemon: Handle) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
@@ -151,7 +136,7 @@ pub async fn serve(listener: TcpListener, daemon: Arc<Daemon>) {
     }
 }
 
-async fn handle(mut stream: TcpStream, daemon: &Daemon) -> std::io::Result<()> {
+async fn handle(mut stream: TcpStream, daemon: &Handle) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let read = async {
         let mut chunk = [0u8; 1024];
@@ -175,10 +160,13 @@ async fn handle(mut stream: TcpStream, daemon: &Daemon) -> std::io::Result<()> {
     );
     let (status, body) =
         if method == b"GET" && (path == b"/metrics" || path.starts_with(b"/metrics?")) {
-            (
-                "200 OK",
-                render(&daemon.metrics_sample().await, SystemTime::now()),
-            )
+            match daemon.metrics_sample().await {
+                Some(sample) => ("200 OK", render(&sample, SystemTime::now())),
+                None => (
+                    "503 Service Unavailable",
+                    "vpcgated is shutting down\n".to_string(),
+                ),
+            }
         } else {
             (
                 "404 Not Found",

@@ -24,8 +24,8 @@
 //! feeds it to `nft -f -`; each apply is one nft transaction that deletes
 //! our tables of both forms and recreates the one wanted in full, so the
 //! kernel never sees half a ruleset and a change of form leaves no stale
-//! table behind. [`FakeNat`] records what it was asked, for tests of the
-//! daemon.
+//! table behind. The control plane's fake
+//! (`vpcgate_plane::fakes::FakeNat`) stands in for it in tests.
 //!
 //! Table names: interface names may contain `-` and `.`, which we escape so
 //! that every interface maps to its own table and no two collide: `_`
@@ -38,13 +38,13 @@
 //! connection-track every packet on our behalf.
 
 use std::ffi::OsStr;
-use std::fmt::{self, Write as _};
+use std::fmt::Write as _;
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::str::FromStr;
 
 use ipnet::IpNet;
+pub use vpcgate_plane::ports::{Nat, NatForm, NatState, PortError, UnknownNatForm};
 
 /// Prefix of every table this module creates; the rest is the escaped
 /// interface name.
@@ -59,56 +59,6 @@ pub const NFT_FALLBACK: &str = "/usr/sbin/nft";
 const IP_FALLBACK: &str = "/usr/sbin/ip";
 /// Every family a table of ours may have, whatever the form.
 const FAMILIES: [&str; 3] = ["inet", "ip", "ip6"];
-
-/// What the kernel should do for one TUN interface.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NatState {
-    /// The TUN interface; only traffic arriving on it is masqueraded.
-    pub interface: String,
-    /// Whether to masquerade at all (see the module doc for `false`).
-    pub enabled: bool,
-    /// Destinations whose traffic is masqueraded. Order, overlaps and host
-    /// bits do not matter: the ranges are merged before they reach nft.
-    /// Empty means no table at all.
-    pub ranges: Vec<IpNet>,
-}
-
-/// How the NAT rules are laid out in nftables (see the module doc).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum NatForm {
-    /// One `inet` table for both families: nft 0.9.1 and Linux 5.2 or newer.
-    Inet,
-    /// An `ip` and an `ip6` table, for systems too old for `Inet`.
-    Split,
-}
-
-impl fmt::Display for NatForm {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            NatForm::Inet => "inet",
-            NatForm::Split => "ip+ip6",
-        })
-    }
-}
-
-/// A [`NatForm`] name that is neither `inet` nor `ip+ip6` (or `split`).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown NAT form {0:?}: use `inet` (one inet table) or `ip+ip6` (an ip and an ip6 table, for nft older than 0.9.1 or Linux older than 5.2)")]
-pub struct UnknownNatForm(pub String);
-
-impl FromStr for NatForm {
-    type Err = UnknownNatForm;
-
-    /// Parses what [`Display`](fmt::Display) prints; `split` is accepted for
-    /// `ip+ip6`.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "inet" => Ok(NatForm::Inet),
-            "ip+ip6" | "split" => Ok(NatForm::Split),
-            other => Err(UnknownNatForm(other.to_string())),
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum NatError {
@@ -125,18 +75,13 @@ pub enum NatError {
     Io(#[from] io::Error),
 }
 
-/// Keeps the kernel's NAT rules for one TUN interface in line with a
-/// desired [`NatState`].
-pub trait Nat: Send + Sync {
-    /// Makes the kernel match `desired`. Idempotent: applying the same state
-    /// twice does nothing the second time (the real one may skip the nft call
-    /// when unchanged).
-    fn apply(&mut self, desired: &NatState) -> Result<(), NatError>;
-    /// Removes the daemon's tables of both forms (if present). Idempotent.
-    fn remove(&mut self) -> Result<(), NatError>;
-    /// The form of the table(s) currently applied; `None` when there are
-    /// none: nothing applied yet, no ranges, or removed.
-    fn form(&self) -> Option<NatForm>;
+impl From<NatError> for PortError {
+    fn from(e: NatError) -> Self {
+        PortError::new(
+            vpcgate_plane::errno::EIO,
+            format!("cannot apply the SNAT rules: {e}"),
+        )
+    }
 }
 
 /// Checks that `name` can be a Linux interface name made only of
@@ -463,7 +408,26 @@ impl NftNat {
 }
 
 impl Nat for NftNat {
-    fn apply(&mut self, desired: &NatState) -> Result<(), NatError> {
+    fn apply(&mut self, desired: &NatState) -> Result<(), PortError> {
+        NftNat::apply(self, desired).map_err(PortError::from)
+    }
+
+    fn remove(&mut self) -> Result<(), PortError> {
+        NftNat::remove(self).map_err(PortError::from)
+    }
+
+    fn form(&self) -> Option<NatForm> {
+        self.current
+    }
+}
+
+/// The same operations with nft's own errors, for callers that want to tell
+/// them apart; the port above is these, with errors as the control plane
+/// reports them.
+impl NftNat {
+    /// Makes the kernel match `desired`, whole. Applying the same state
+    /// twice runs nft once.
+    pub fn apply(&mut self, desired: &NatState) -> Result<(), NatError> {
         let new = script(desired, self.settled.unwrap_or(NatForm::Inet))?;
         if self.applied.as_deref() == Some(new.as_str()) {
             tracing::debug!(interface = %desired.interface, "nat: unchanged, nft not run");
@@ -506,7 +470,8 @@ impl Nat for NftNat {
         Ok(())
     }
 
-    fn remove(&mut self) -> Result<(), NatError> {
+    /// Removes our tables of both forms, if there are any.
+    pub fn remove(&mut self) -> Result<(), NatError> {
         let Some(interface) = self.table_for.clone() else {
             return Ok(());
         };
@@ -516,10 +481,6 @@ impl Nat for NftNat {
         self.current = None;
         tracing::info!(table = %table_name(&interface), "nat: removed");
         Ok(())
-    }
-
-    fn form(&self) -> Option<NatForm> {
-        self.current
     }
 }
 
@@ -538,66 +499,6 @@ pub fn find_program(name: &str, fallback: &str) -> Option<PathBuf> {
         .map(|dir| dir.join(name))
         .chain(std::iter::once(PathBuf::from(fallback)))
         .find(|p| is_executable(p))
-}
-
-/// Records what it was asked instead of touching the kernel.
-#[derive(Debug)]
-pub struct FakeNat {
-    /// Every state passed to a successful `apply`, repeats included.
-    pub applied: Vec<NatState>,
-    /// How many times `remove` succeeded.
-    pub removed: usize,
-    /// Returned by the next `apply` or `remove`, which then records nothing.
-    pub fail_next: Option<NatError>,
-    /// What `form` reports while a state with ranges is applied; `Inet`
-    /// unless a test sets it.
-    pub reported_form: NatForm,
-    current: Option<NatForm>,
-}
-
-impl Default for FakeNat {
-    fn default() -> Self {
-        FakeNat {
-            applied: Vec::new(),
-            removed: 0,
-            fail_next: None,
-            reported_form: NatForm::Inet,
-            current: None,
-        }
-    }
-}
-
-impl FakeNat {
-    pub fn new() -> Self {
-        Self::default()
-    }
-}
-
-impl Nat for FakeNat {
-    fn apply(&mut self, desired: &NatState) -> Result<(), NatError> {
-        if let Some(e) = self.fail_next.take() {
-            return Err(e);
-        }
-        // Reject what the real one rejects, so daemon tests see the same
-        // errors.
-        validate_interface(&desired.interface)?;
-        self.applied.push(desired.clone());
-        self.current = (!desired.ranges.is_empty()).then_some(self.reported_form);
-        Ok(())
-    }
-
-    fn remove(&mut self) -> Result<(), NatError> {
-        if let Some(e) = self.fail_next.take() {
-            return Err(e);
-        }
-        self.removed += 1;
-        self.current = None;
-        Ok(())
-    }
-
-    fn form(&self) -> Option<NatForm> {
-        self.current
-    }
 }
 
 #[cfg(test)]
@@ -935,52 +836,5 @@ delete table ip6 vpcgate_wg0
             assert_eq!(nat.form(), None);
             nat.remove().expect("nothing to remove");
         }
-    }
-
-    #[test]
-    fn fake_records_and_fails_on_request() {
-        let mut fake = FakeNat::new();
-        let s = state("wg0", true, &["198.19.0.0/24"]);
-        assert_eq!(fake.form(), None);
-        fake.apply(&s).expect("apply");
-        assert_eq!(fake.form(), Some(NatForm::Inet));
-        fake.apply(&s).expect("apply again");
-        assert_eq!(fake.applied, vec![s.clone(), s.clone()]);
-
-        fake.fail_next = Some(NatError::NftFailed {
-            stderr: "boom".into(),
-        });
-        assert!(matches!(fake.apply(&s), Err(NatError::NftFailed { .. })));
-        assert_eq!(fake.applied.len(), 2);
-        assert!(fake.fail_next.is_none());
-        assert_eq!(
-            fake.form(),
-            Some(NatForm::Inet),
-            "a failure changes nothing"
-        );
-
-        assert!(matches!(
-            fake.apply(&state("no good", true, &[])),
-            Err(NatError::BadInterface { .. })
-        ));
-
-        fake.remove().expect("remove");
-        assert_eq!(fake.form(), None);
-        fake.remove().expect("remove again");
-        assert_eq!(fake.removed, 2);
-    }
-
-    #[test]
-    fn fake_reports_a_form_only_while_there_are_ranges() {
-        let mut fake = FakeNat::new();
-        fake.reported_form = NatForm::Split;
-        fake.apply(&state("wg0", false, &["198.19.0.0/24"]))
-            .expect("apply");
-        assert_eq!(fake.form(), Some(NatForm::Split));
-        fake.apply(&state("wg0", true, &[])).expect("no ranges");
-        assert_eq!(fake.form(), None);
-        fake.apply(&state("wg0", true, &["fd00:db8::/32"]))
-            .expect("ranges again");
-        assert_eq!(fake.form(), Some(NatForm::Split));
     }
 }

@@ -24,6 +24,21 @@ pub enum NetlinkError {
     },
 }
 
+impl NetlinkError {
+    /// The kernel had no such route, address or device: for a removal,
+    /// the job is done.
+    pub fn is_not_found(&self) -> bool {
+        match self {
+            NetlinkError::Request {
+                source: rtnetlink::Error::NetlinkError(e),
+                ..
+            } => [-libc::ESRCH, -libc::ENOENT, -libc::ENODEV].contains(&e.raw_code()),
+            NetlinkError::NoSuchLink(_) => true,
+            _ => false,
+        }
+    }
+}
+
 /// Learned routes get this metric, above the kernel's connected routes.
 const LEARNED_ROUTE_METRIC: u32 = 100;
 

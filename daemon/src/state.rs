@@ -18,11 +18,12 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
-use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use crate::uapi::proto::Key;
+pub use vpcgate_plane::key::Key;
+pub use vpcgate_plane::settings::Settings;
+pub use vpcgate_plane::stored::StoredPeer;
 
 pub const KEY_FILE: &str = "private.key";
 pub const SETTINGS_FILE: &str = "settings.json";
@@ -105,85 +106,6 @@ pub enum StateError {
         env!("CARGO_PKG_VERSION")
     )]
     TooNew { path: PathBuf, found: u64 },
-}
-
-/// Settings that survive restarts. Flags given on the command line override
-/// them and are then saved.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Settings {
-    /// This node's tunnel addresses: at most one IPv4 and one IPv6.
-    pub addresses: Vec<IpNet>,
-    pub listen_port: u16,
-    #[serde(default)]
-    pub advertised_routes: Vec<IpNet>,
-    /// Whether a default route may be advertised.
-    #[serde(default)]
-    pub exit_node: bool,
-    #[serde(default = "enabled")]
-    pub snat: bool,
-    #[serde(default = "enabled")]
-    pub mss_clamp: bool,
-    /// HOST:PORT that client configs point at.
-    #[serde(default)]
-    pub public_endpoint: Option<String>,
-    #[serde(default = "default_mtu")]
-    pub mtu: u32,
-}
-
-fn enabled() -> bool {
-    true
-}
-
-fn default_mtu() -> u32 {
-    crate::daemon::DEFAULT_MTU
-}
-
-impl Settings {
-    pub fn new(addresses: Vec<IpNet>, listen_port: u16) -> Settings {
-        Settings {
-            addresses,
-            listen_port,
-            advertised_routes: Vec::new(),
-            exit_node: false,
-            snat: true,
-            mss_clamp: true,
-            public_endpoint: None,
-            mtu: default_mtu(),
-        }
-    }
-}
-
-/// A peer as saved on disk. Keys are base64, as `wg` prints them.
-#[derive(Clone, Serialize, Deserialize, zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
-#[serde(deny_unknown_fields)]
-pub struct StoredPeer {
-    #[serde(default)]
-    pub name: Option<String>,
-    pub public_key: String,
-    /// The client's private key, when `vpcgate peer add` generated it, so
-    /// that `vpcgate peer config` can print the config again.
-    #[serde(default)]
-    pub private_key: Option<String>,
-    #[serde(default)]
-    pub preshared_key: Option<String>,
-    #[serde(default)]
-    #[zeroize(skip)]
-    pub endpoint: Option<std::net::SocketAddr>,
-    #[serde(default)]
-    pub persistent_keepalive: u16,
-    #[serde(default)]
-    #[zeroize(skip)]
-    pub allowed_ips: Vec<IpNet>,
-    #[serde(default)]
-    pub accept_routes: bool,
-    #[serde(default)]
-    pub accept_default_route: bool,
-    /// Routes learned from this peer (accept-routes), so they are back at
-    /// once after a restart, before the peer answers again.
-    #[serde(default)]
-    #[zeroize(skip)]
-    pub learned_routes: Vec<IpNet>,
 }
 
 pub struct StateDir {
@@ -808,7 +730,7 @@ mod tests {
                 );
                 let public = fs::read_to_string(dir.join("public.key")).expect("public.key");
                 let derived = base64::engine::general_purpose::STANDARD
-                    .encode(crate::config::public_key_of(&key.value));
+                    .encode(vpcgate_plane::key::public_key_of(&key.value));
                 assert_eq!(
                     derived,
                     public.trim(),

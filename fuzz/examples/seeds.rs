@@ -12,7 +12,7 @@ use ipnet::IpNet;
 use vpcgate_proto::{self as proto, PeerAdd, PeerStatus, Request, Response, SetOptions, Status};
 use vpcgated::core::routes_msg::{self, MAX_PACKET, MAX_ROUTES};
 use vpcgated::state::{self, Settings, StoredPeer};
-use vpcgated::uapi::proto::Key;
+use vpcgated::state::Key;
 
 fn main() -> std::io::Result<()> {
     let out = std::env::args()

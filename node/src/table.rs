@@ -88,6 +88,15 @@ impl<V: Copy + Eq> RouteTable<V> {
         self.len == 0
     }
 
+    /// Every value some address looks up to (with repeats): what the
+    /// table can send traffic to, for checking a snapshot before and after
+    /// it is published.
+    pub fn values(&self) -> impl Iterator<Item = V> + '_ {
+        let v4 = self.v4.values.iter().flatten().copied();
+        let v6 = self.v6.intervals.iter().filter_map(|i| i.value);
+        v4.chain(v6)
+    }
+
     /// Bytes the snapshot holds on the heap.
     pub fn heap_bytes(&self) -> usize {
         self.v4.heap_bytes() + self.v6.heap_bytes()
@@ -1002,6 +1011,20 @@ mod tests {
         #[test]
         fn mixed_lookups_match_model(routes in mixed_routes(24), extra in addrs()) {
             assert_matches_model(&routes, &extra);
+        }
+
+        #[test]
+        fn values_are_what_lookups_can_return(routes in mixed_routes(24), extra in addrs()) {
+            let table = RouteTable::build(routes.iter().copied());
+            let values: std::collections::HashSet<_> = table.values().collect();
+            for addr in probes(&routes, &extra) {
+                if let Some(v) = table.lookup(addr) {
+                    prop_assert!(values.contains(&v), "{} looks up to {:?}, not listed", addr, v);
+                }
+            }
+            for v in &values {
+                prop_assert!(routes.iter().any(|(_, r)| r == v), "{:?} is in no route", v);
+            }
         }
 
         #[test]

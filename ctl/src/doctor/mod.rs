@@ -12,6 +12,7 @@
 mod cloud;
 mod host;
 mod http;
+mod routes;
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};

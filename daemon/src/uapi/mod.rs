@@ -7,25 +7,59 @@
 //! connection keeps serving; nothing of a rejected `set` is applied. Memory
 //! per connection is bounded whatever a client sends.
 
-pub mod proto;
-
-use std::sync::Arc;
+pub mod text;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
+use vpcgate_node::PeerHandle;
+use vpcgate_plane::model::Desired;
+use vpcgate_plane::view::PeerLive;
+
 use crate::access::Access;
-use crate::daemon::Daemon;
-use proto::{Request, RequestParser};
+use crate::handle::Handle;
+use text::{DeviceView, PeerView, Request, RequestParser};
 
 /// Longer than any line `wg` sends (a v6 CIDR or a hex key with its name).
 pub const MAX_LINE: usize = 4096;
+
+/// The device as a `get` reports it: the desired state, with each peer's
+/// live endpoint, handshake and counters, and the port actually bound.
+pub fn view(
+    desired: &Desired,
+    listen_port: u16,
+    live: impl Fn(PeerHandle) -> PeerLive,
+) -> DeviceView {
+    DeviceView {
+        private_key: desired.device.private_key.clone(),
+        listen_port,
+        fwmark: desired.device.fwmark,
+        peers: desired
+            .device
+            .peers
+            .iter()
+            .map(|p| {
+                let live = live(p.handle);
+                PeerView {
+                    public_key: p.public_key.clone(),
+                    preshared_key: p.preshared_key.clone(),
+                    endpoint: live.endpoint.or(p.endpoint),
+                    persistent_keepalive: p.persistent_keepalive,
+                    last_handshake: live.last_handshake,
+                    rx_bytes: live.rx_bytes,
+                    tx_bytes: live.tx_bytes,
+                    allowed_ips: p.effective_allowed_ips().copied().collect(),
+                }
+            })
+            .collect(),
+    }
+}
 
 pub fn socket_path(interface: &str) -> std::path::PathBuf {
     std::path::Path::new("/var/run/wireguard").join(format!("{interface}.sock"))
 }
 
-pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
+pub async fn serve(listener: UnixListener, daemon: Handle) {
     loop {
         match listener.accept().await {
             // The UAPI carries the private key: root and our own user only.
@@ -119,12 +153,12 @@ impl LineReader {
     }
 }
 
-async fn handle(stream: UnixStream, daemon: &Daemon) -> std::io::Result<()> {
+async fn handle(stream: UnixStream, daemon: &Handle) -> std::io::Result<()> {
     let (mut read, mut write) = stream.into_split();
     let mut lines = LineReader::new();
     let mut parser = RequestParser::new();
     let mut line = zeroize::Zeroizing::new(Vec::with_capacity(MAX_LINE));
-    // A get reply carries the private key in hex; see `Daemon::uapi_get`.
+    // A get reply carries the private key in hex; see `Owner::uapi_get`.
     let mut reply = zeroize::Zeroizing::new(String::with_capacity(4096));
     // Set once a request has failed: the rest of it is skipped up to its
     // terminating blank line, then the error is reported.
@@ -143,7 +177,7 @@ async fn handle(stream: UnixStream, daemon: &Daemon) -> std::io::Result<()> {
                 failed = None;
                 parser = RequestParser::new();
                 reply.clear();
-                proto::format_errno(errno, &mut reply);
+                text::format_errno(errno, &mut reply);
                 write.write_all(reply.as_bytes()).await?;
             }
             continue;
@@ -154,13 +188,16 @@ async fn handle(stream: UnixStream, daemon: &Daemon) -> std::io::Result<()> {
                 parser = RequestParser::new();
                 reply.clear();
                 match request {
-                    Request::Get => daemon.uapi_get(&mut reply).await,
+                    Request::Get => match daemon.uapi_get().await {
+                        Some(full) => reply = full,
+                        None => text::format_errno(crate::handle::ESHUTDOWN, &mut reply),
+                    },
                     Request::Set(set) => {
                         let errno = match daemon.uapi_set(set).await {
                             Ok(()) => 0,
                             Err(errno) => errno,
                         };
-                        proto::format_errno(errno, &mut reply);
+                        text::format_errno(errno, &mut reply);
                     }
                 }
                 write.write_all(reply.as_bytes()).await?;
@@ -170,7 +207,7 @@ async fn handle(stream: UnixStream, daemon: &Daemon) -> std::io::Result<()> {
                 if line.is_empty() {
                     parser = RequestParser::new();
                     reply.clear();
-                    proto::format_errno(e.errno(), &mut reply);
+                    text::format_errno(e.errno(), &mut reply);
                     write.write_all(reply.as_bytes()).await?;
                 } else {
                     failed = Some(e.errno());

@@ -12,7 +12,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
-use zeroize::{Zeroize, ZeroizeOnDrop};
+pub use vpcgate_plane::device::{AllowedIpChange, PeerChange, SetRequest};
+pub use vpcgate_plane::key::Key;
+use zeroize::Zeroize;
 
 /// The longest line `wg` sends is an `endpoint=` with a scoped IPv6 address,
 /// under 100 bytes. 4096 leaves room for other clients and still bounds what
@@ -34,47 +36,18 @@ const EMSGSIZE: i32 = 90;
 /// How much of an offending key or value an error quotes back.
 const EXCERPT_CHARS: usize = 64;
 
-/// A 32-byte key. Secrets are zeroized on drop, equality takes the same time
-/// whatever the contents, and `Debug` never shows the bytes.
-#[derive(Clone, Zeroize, ZeroizeOnDrop)]
-pub struct Key(pub [u8; 32]);
-
-impl Key {
-    /// Parses exactly 64 hexadecimal digits, in either case.
-    pub fn from_hex(s: &str) -> Result<Key, UapiError> {
-        parse_key("key", s)
-    }
-
-    /// Lowercase hex, as `wg` and wireguard-go write keys. The returned
-    /// `String` is not zeroized on drop.
-    pub fn to_hex(&self) -> String {
-        let mut s = String::with_capacity(64);
-        push_hex(&mut s, &self.0);
-        s
-    }
-
-    pub fn is_zero(&self) -> bool {
-        ct_eq(&self.0, &[0; 32])
-    }
+/// Parses a key as the UAPI sends it: exactly 64 hexadecimal digits, in
+/// either case.
+pub fn key_from_hex(s: &str) -> Result<Key, UapiError> {
+    parse_key("key", s)
 }
 
-impl PartialEq for Key {
-    fn eq(&self, other: &Self) -> bool {
-        ct_eq(&self.0, &other.0)
-    }
-}
-
-impl Eq for Key {}
-
-impl fmt::Debug for Key {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Key(..)")
-    }
-}
-
-fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
-    std::hint::black_box(diff) == 0
+/// Lowercase hex, as `wg` and wireguard-go write keys. The returned
+/// `String` is not zeroized on drop.
+pub fn key_to_hex(key: &Key) -> String {
+    let mut s = String::with_capacity(64);
+    push_hex(&mut s, &key.0);
+    s
 }
 
 /// One complete request.
@@ -82,64 +55,6 @@ fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
 pub enum Request {
     Get,
     Set(SetRequest),
-}
-
-/// A validated `set`. `None` means the request did not mention the setting.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SetRequest {
-    /// `Some(None)`: the request cleared the key (sent all zeros).
-    pub private_key: Option<Option<Key>>,
-    pub listen_port: Option<u16>,
-    /// `Some(0)` clears the mark.
-    pub fwmark: Option<u32>,
-    /// Remove every existing peer before applying `peers`.
-    pub replace_peers: bool,
-    /// In the order sent. One public key may appear more than once; apply the
-    /// entries in order, as wireguard-go applies lines.
-    pub peers: Vec<PeerChange>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PeerChange {
-    pub public_key: Key,
-    /// Remove the peer; every other field is then to be ignored.
-    pub remove: bool,
-    /// Change the peer only if it already exists; never create it.
-    pub update_only: bool,
-    /// `Some(None)`: the request cleared the key (sent all zeros).
-    pub preshared_key: Option<Option<Key>>,
-    pub endpoint: Option<SocketAddr>,
-    /// `Some(0)` turns the keepalive off.
-    pub persistent_keepalive: Option<u16>,
-    /// Drop the peer's existing allowed IPs before applying `allowed_ips`.
-    /// `allowed_ip` lines that came before `replace_allowed_ips=true` in the
-    /// same peer section are discarded, since the replacement undoes them.
-    pub replace_allowed_ips: bool,
-    /// In the order sent, host bits cleared.
-    pub allowed_ips: Vec<AllowedIpChange>,
-}
-
-impl PeerChange {
-    /// A change that names the peer and alters nothing.
-    pub fn new(public_key: Key) -> Self {
-        PeerChange {
-            public_key,
-            remove: false,
-            update_only: false,
-            preshared_key: None,
-            endpoint: None,
-            persistent_keepalive: None,
-            replace_allowed_ips: false,
-            allowed_ips: Vec::new(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct AllowedIpChange {
-    pub net: IpNet,
-    /// Sent as `allowed_ip=-<cidr>`: remove this prefix from the peer.
-    pub remove: bool,
 }
 
 /// What a `get` reports. The caller fills it from daemon state.
@@ -756,7 +671,7 @@ mod tests {
     const ZERO: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
     fn key(hex: &str) -> Key {
-        Key::from_hex(hex).expect("test key is valid hex")
+        key_from_hex(hex).expect("test key is valid hex")
     }
 
     fn net(s: &str) -> IpNet {
@@ -1505,7 +1420,7 @@ mod tests {
     #[test]
     fn key_basics() {
         let k = key(PRIV);
-        assert_eq!(k.to_hex(), PRIV);
+        assert_eq!(key_to_hex(&k), PRIV);
         assert_eq!(format!("{k:?}"), "Key(..)");
         assert!(!format!("{:?}", Some(Some(k.clone()))).contains("e1"));
         assert!(key(ZERO).is_zero());
@@ -1515,7 +1430,7 @@ mod tests {
         assert_ne!(k, last_differs);
         assert_eq!(k, k.clone());
         assert_eq!(
-            Key::from_hex("12"),
+            key_from_hex("12"),
             Err(UapiError::KeyLength {
                 field: "key",
                 len: 2
@@ -1743,7 +1658,7 @@ mod tests {
     /// `update_only`, which `wg` never sends but other clients do.
     fn wg_set_body(req: &SetRequest) -> String {
         let mut s = String::from("set=1\n");
-        let hex_or_zero = |k: &Option<Key>| k.as_ref().map_or(ZERO.to_string(), Key::to_hex);
+        let hex_or_zero = |k: &Option<Key>| k.as_ref().map_or(ZERO.to_string(), key_to_hex);
         if let Some(k) = &req.private_key {
             s += &format!("private_key={}\n", hex_or_zero(k));
         }
@@ -1757,7 +1672,7 @@ mod tests {
             s += "replace_peers=true\n";
         }
         for peer in &req.peers {
-            s += &format!("public_key={}\n", peer.public_key.to_hex());
+            s += &format!("public_key={}\n", key_to_hex(&peer.public_key));
             if peer.update_only {
                 s += "update_only=true\n";
             }
@@ -1810,7 +1725,7 @@ mod tests {
             let (k, v) = line.split_once('=').expect("key=value");
             if k == "public_key" {
                 view.peers.push(PeerView {
-                    public_key: Key::from_hex(v).expect("public key"),
+                    public_key: key_from_hex(v).expect("public key"),
                     preshared_key: None,
                     endpoint: None,
                     persistent_keepalive: 0,

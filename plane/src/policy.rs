@@ -7,7 +7,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::core::routes_msg::MAX_ROUTES;
+use vpcgate_node::routes_msg::MAX_ROUTES;
 
 /// `text` quoted for a message: escaped as `{:?}` escapes it, and cut
 /// short, so hostile input neither floods nor garbles a terminal.

@@ -1,34 +1,88 @@
-//! The device's desired state (keys, port, peers and their allowed IPs) and
-//! the pure step that applies a UAPI `set` to it.
+//! The WireGuard device as `wg` sees it (the private key, the fwmark and the
+//! peers with their allowed IPs and learned routes) and the pure step that
+//! applies a `wg set` to it ([`SetRequest`], whatever protocol carried it).
 //!
-//! Applying a request never mutates the current state: it builds the next
-//! state and a [`Plan`] of what the data path must do to get there. The
-//! caller commits both only when every part of the request was valid, so a
-//! rejected request changes nothing.
+//! Applying a request works on a copy: the caller keeps the current state
+//! until every part of the request was valid, so a rejected request changes
+//! nothing. Peer statistics are not here: they belong to the data path and
+//! are kept by its port, keyed by [`PeerHandle`].
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddr};
 
-use boringtun::x25519::{PublicKey, StaticSecret};
 use ipnet::IpNet;
-use zeroize::Zeroizing;
+use vpcgate_node::{handle_slot, PeerHandle, RouteTable, MAX_PEERS};
 
-use crate::core::{Change, PeerHandle, PeerSpec, PeerStats, RouteTable, MAX_PEERS};
-use nix::errno::Errno;
+use crate::errno::ENOSPC;
+use crate::key::{clamped, public_key_of, Key};
 
-use crate::uapi::proto::{DeviceView, Key, PeerView, SetRequest};
+/// A validated `set`. `None` means the request did not mention the setting.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SetRequest {
+    /// `Some(None)`: the request cleared the key (sent all zeros).
+    pub private_key: Option<Option<Key>>,
+    pub listen_port: Option<u16>,
+    /// `Some(0)` clears the mark.
+    pub fwmark: Option<u32>,
+    /// Remove every existing peer before applying `peers`.
+    pub replace_peers: bool,
+    /// In the order sent. One public key may appear more than once; apply the
+    /// entries in order, as wireguard-go applies lines.
+    pub peers: Vec<PeerChange>,
+}
 
-#[derive(Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerChange {
+    pub public_key: Key,
+    /// Remove the peer; every other field is then to be ignored.
+    pub remove: bool,
+    /// Change the peer only if it already exists; never create it.
+    pub update_only: bool,
+    /// `Some(None)`: the request cleared the key (sent all zeros).
+    pub preshared_key: Option<Option<Key>>,
+    pub endpoint: Option<SocketAddr>,
+    /// `Some(0)` turns the keepalive off.
+    pub persistent_keepalive: Option<u16>,
+    /// Drop the peer's existing allowed IPs before applying `allowed_ips`.
+    /// `allowed_ip` lines that came before `replace_allowed_ips=true` in the
+    /// same peer section are discarded, since the replacement undoes them.
+    pub replace_allowed_ips: bool,
+    /// In the order sent, host bits cleared.
+    pub allowed_ips: Vec<AllowedIpChange>,
+}
+
+impl PeerChange {
+    /// A change that names the peer and alters nothing.
+    pub fn new(public_key: Key) -> Self {
+        PeerChange {
+            public_key,
+            remove: false,
+            update_only: false,
+            preshared_key: None,
+            endpoint: None,
+            persistent_keepalive: None,
+            replace_allowed_ips: false,
+            allowed_ips: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AllowedIpChange {
+    pub net: IpNet,
+    /// Sent as `allowed_ip=-<cidr>`: remove this prefix from the peer.
+    pub remove: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerConfig {
     pub public_key: Key,
     pub preshared_key: Option<Key>,
-    /// The endpoint as configured; the live (roamed) one is in `stats`.
+    /// The endpoint as configured; the live (roamed) one is the data path's.
     pub endpoint: Option<SocketAddr>,
     pub persistent_keepalive: u16,
     pub allowed_ips: Vec<IpNet>,
     pub handle: PeerHandle,
-    pub stats: Arc<PeerStats>,
     /// Set by `vpcgate peer add`; peers added with `wg` have none.
     pub name: Option<String>,
     /// The client's private key, when we generated it.
@@ -50,7 +104,6 @@ impl PeerConfig {
             persistent_keepalive: 0,
             allowed_ips: Vec::new(),
             handle,
-            stats: Arc::new(PeerStats::new(None)),
             name: None,
             client_private_key: None,
             accept_routes: false,
@@ -59,21 +112,9 @@ impl PeerConfig {
         }
     }
 
-    fn spec(&self) -> PeerSpec {
-        PeerSpec {
-            handle: self.handle,
-            public_key: self.public_key.0,
-            preshared_key: self.preshared_key.as_ref().map(|k| Zeroizing::new(k.0)),
-            endpoint: self.stats.endpoint().or(self.endpoint),
-            persistent_keepalive: self.persistent_keepalive,
-            route_source: self.route_source(),
-            stats: self.stats.clone(),
-        }
-    }
-
     /// Where route requests go: the peer's tunnel address, taken as the
     /// first IPv4 host route in its allowed IPs, when it is trusted for routes.
-    pub fn route_source(&self) -> Option<std::net::Ipv4Addr> {
+    pub fn route_source(&self) -> Option<Ipv4Addr> {
         if !self.accept_routes {
             return None;
         }
@@ -84,7 +125,7 @@ impl PeerConfig {
     }
 
     /// Takes every configured setting from `other`, keeping this peer's
-    /// handle, statistics and learned routes (so its session survives).
+    /// handle and learned routes (so its session survives).
     pub fn adopt_settings(&mut self, other: PeerConfig) {
         self.name = other.name.clone();
         self.client_private_key = other.client_private_key.clone();
@@ -100,11 +141,18 @@ impl PeerConfig {
     pub fn effective_allowed_ips(&self) -> impl Iterator<Item = &IpNet> {
         self.allowed_ips.iter().chain(self.learned.iter())
     }
+
+    /// The peer's name, or its key where it has none, for messages.
+    pub fn label(&self) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| crate::key::b64(&self.public_key.0))
+    }
 }
 
 /// Hands out peer handles: a slot (reused after removal) and a generation
 /// that is never reused.
-#[derive(Clone, Default)]
+#[derive(Clone, Default, Debug, PartialEq, Eq)]
 struct Handles {
     next_slot: u32,
     free: Vec<u32>,
@@ -112,58 +160,30 @@ struct Handles {
 }
 
 impl Handles {
-    fn allocate(&mut self) -> Result<PeerHandle, Errno> {
+    fn allocate(&mut self) -> Result<PeerHandle, i32> {
         let slot = match self.free.pop() {
             Some(slot) => slot,
             None if self.next_slot < MAX_PEERS => {
                 self.next_slot += 1;
                 self.next_slot - 1
             }
-            None => return Err(Errno::ENOSPC),
+            None => return Err(ENOSPC),
         };
         self.generation = self.generation.wrapping_add(1);
         Ok(u64::from(self.generation) << 32 | u64::from(slot))
     }
 
     fn release(&mut self, handle: PeerHandle) {
-        self.free.push(crate::core::handle_slot(handle));
+        self.free.push(handle_slot(handle));
     }
 }
 
-#[derive(Clone, Default)]
+#[derive(Clone, Default, Debug, PartialEq, Eq)]
 pub struct DeviceConfig {
     pub private_key: Option<Key>,
-    pub listen_port: u16,
     pub fwmark: u32,
     pub peers: Vec<PeerConfig>,
     handles: Handles,
-}
-
-/// What the data path must do to reach the next state, in order.
-#[derive(Default)]
-pub struct Plan {
-    /// Applied before the new table is published: the key, new and changed peers.
-    pub before_table: Vec<Change>,
-    /// Published when allowed IPs or the peer set changed.
-    pub table: Option<RouteTable<PeerHandle>>,
-    /// Applied after the table: removals, so no route ever names a peer the
-    /// data path has already forgotten.
-    pub after_table: Vec<Change>,
-    pub listen_port: Option<u16>,
-    pub fwmark: Option<u32>,
-    pub private_key_changed: bool,
-}
-
-pub fn public_key_of(private: &Key) -> [u8; 32] {
-    PublicKey::from(&StaticSecret::from(private.0)).to_bytes()
-}
-
-/// Clears and sets the bits X25519 ignores, as the kernel and wireguard-go
-/// do when a key is set, so `wg show` reads back the key actually in use.
-fn clamped(mut key: Key) -> Key {
-    key.0[0] &= 248;
-    key.0[31] = (key.0[31] & 127) | 64;
-    key
 }
 
 /// Which peer holds each allowed IP.
@@ -184,28 +204,15 @@ fn disown(owners: &mut HashMap<IpNet, PeerHandle>, nets: &[IpNet], handle: PeerH
 }
 
 impl DeviceConfig {
-    pub fn new(private_key: Option<Key>, listen_port: u16) -> Self {
+    pub fn new(private_key: Option<Key>) -> Self {
         DeviceConfig {
             private_key: private_key.map(clamped),
-            listen_port,
             ..DeviceConfig::default()
         }
     }
 
     pub fn public_key(&self) -> Option<[u8; 32]> {
         self.private_key.as_ref().map(public_key_of)
-    }
-
-    /// The changes that bring an empty data path to this state.
-    pub fn initial_plan(&self) -> Plan {
-        let mut plan = Plan::default();
-        plan.before_table.push(Change::SetPrivateKey(
-            self.private_key.as_ref().map(|k| StaticSecret::from(k.0)),
-        ));
-        plan.before_table
-            .extend(self.peers.iter().map(|p| Change::UpsertPeer(p.spec())));
-        plan.table = Some(self.route_table());
-        plan
     }
 
     pub fn route_table(&self) -> RouteTable<PeerHandle> {
@@ -226,41 +233,36 @@ impl DeviceConfig {
         self.peers.iter().find(|p| p.name.as_deref() == Some(name))
     }
 
+    pub fn peer_by_handle(&self, handle: PeerHandle) -> Option<&PeerConfig> {
+        self.peers.iter().find(|p| p.handle == handle)
+    }
+
     pub fn peer_by_handle_mut(&mut self, handle: PeerHandle) -> Option<&mut PeerConfig> {
         self.peers.iter_mut().find(|p| p.handle == handle)
     }
 
     /// Adds a peer with a fresh handle.
-    pub fn push_peer(&mut self, public_key: Key) -> Result<&mut PeerConfig, Errno> {
+    pub fn push_peer(&mut self, public_key: Key) -> Result<&mut PeerConfig, i32> {
         let handle = self.handles.allocate()?;
         self.peers.push(PeerConfig::new(public_key, handle));
         let last = self.peers.len() - 1;
         Ok(&mut self.peers[last])
     }
 
-    /// Applies a parsed `set` to a copy of this state.
-    pub fn apply(&self, req: SetRequest) -> Result<(DeviceConfig, Plan), Errno> {
-        self.transform(|next, plan| next.apply_request(req, plan))
-    }
-
-    /// Runs `edit` on a copy of this state and plans the changes it made.
-    pub fn transform<E>(
-        &self,
-        edit: impl FnOnce(&mut DeviceConfig, &mut Plan) -> Result<(), E>,
-    ) -> Result<(DeviceConfig, Plan), E> {
-        let mut next = self.clone();
-        let mut plan = Plan::default();
-        edit(&mut next, &mut plan)?;
-        if next.private_key != self.private_key {
-            plan.private_key_changed = true;
+    /// Frees the slots of the peers `before` had and this state no longer
+    /// has, so later peers can take them (with a new generation).
+    pub fn release_removed(&mut self, before: &DeviceConfig) {
+        let kept: HashSet<PeerHandle> = self.peers.iter().map(|p| p.handle).collect();
+        for peer in &before.peers {
+            if !kept.contains(&peer.handle) {
+                self.handles.release(peer.handle);
+            }
         }
-        self.diff_into(&mut next, &mut plan);
-        Ok((next, plan))
     }
 
-    fn apply_request(&mut self, req: SetRequest, plan: &mut Plan) -> Result<(), Errno> {
-        let current_port = self.listen_port;
-        let current_fwmark = self.fwmark;
+    /// Applies a parsed `set` in place; the caller works on a copy. Returns
+    /// an errno when the request cannot be applied.
+    pub fn apply_set(&mut self, req: SetRequest) -> Result<(), i32> {
         let next = self;
 
         if let Some(private_key) = req.private_key {
@@ -270,22 +272,12 @@ impl DeviceConfig {
                 next.peers.retain(|p| p.public_key.0 != own);
             }
         }
-        if let Some(port) = req.listen_port {
-            if port != current_port {
-                plan.listen_port = Some(port);
-            }
-            next.listen_port = port;
-        }
         if let Some(fwmark) = req.fwmark {
-            if fwmark != current_fwmark {
-                plan.fwmark = Some(fwmark);
-            }
             next.fwmark = fwmark;
         }
         if req.replace_peers {
             next.peers.clear();
         }
-
         let own = next.public_key();
         // Built on first use and kept in step with every change below:
         // finding owners by scanning the peers' lists would make a request
@@ -360,89 +352,42 @@ impl DeviceConfig {
         }
         Ok(())
     }
-
-    fn diff_into(&self, next: &mut DeviceConfig, plan: &mut Plan) {
-        if plan.private_key_changed {
-            plan.before_table.push(Change::SetPrivateKey(
-                next.private_key.as_ref().map(|k| StaticSecret::from(k.0)),
-            ));
-        }
-        let old: HashMap<PeerHandle, &PeerConfig> =
-            self.peers.iter().map(|p| (p.handle, p)).collect();
-        let mut routes_changed = false;
-        for peer in &next.peers {
-            match old.get(&peer.handle) {
-                None => {
-                    routes_changed = true;
-                    plan.before_table.push(Change::UpsertPeer(peer.spec()));
-                }
-                Some(prev) => {
-                    if prev.allowed_ips != peer.allowed_ips || prev.learned != peer.learned {
-                        routes_changed = true;
-                    }
-                    if prev.route_source() != peer.route_source() {
-                        plan.before_table
-                            .push(Change::SetRouteSource(peer.handle, peer.route_source()));
-                    }
-                    if prev.preshared_key != peer.preshared_key {
-                        plan.before_table.push(Change::UpsertPeer(peer.spec()));
-                        continue;
-                    }
-                    if prev.endpoint != peer.endpoint {
-                        if let Some(endpoint) = peer.endpoint {
-                            peer.stats.set_endpoint(Some(endpoint));
-                            plan.before_table
-                                .push(Change::SetEndpoint(peer.handle, endpoint));
-                        }
-                    }
-                    if prev.persistent_keepalive != peer.persistent_keepalive {
-                        plan.before_table
-                            .push(Change::SetKeepalive(peer.handle, peer.persistent_keepalive));
-                    }
-                }
-            }
-        }
-        let kept: HashMap<PeerHandle, ()> = next.peers.iter().map(|p| (p.handle, ())).collect();
-        for peer in &self.peers {
-            if !kept.contains_key(&peer.handle) {
-                routes_changed = true;
-                plan.after_table.push(Change::RemovePeer(peer.handle));
-                next.handles.release(peer.handle);
-            }
-        }
-        if routes_changed {
-            plan.table = Some(next.route_table());
-        }
-    }
-
-    /// The state as `wg show` reports it.
-    pub fn view(&self) -> DeviceView {
-        DeviceView {
-            private_key: self.private_key.clone(),
-            listen_port: self.listen_port,
-            fwmark: self.fwmark,
-            peers: self
-                .peers
-                .iter()
-                .map(|p| PeerView {
-                    public_key: p.public_key.clone(),
-                    preshared_key: p.preshared_key.clone(),
-                    endpoint: p.stats.endpoint().or(p.endpoint),
-                    persistent_keepalive: p.persistent_keepalive,
-                    last_handshake: p.stats.last_handshake(),
-                    rx_bytes: p.stats.rx_bytes(),
-                    tx_bytes: p.stats.tx_bytes(),
-                    allowed_ips: p.effective_allowed_ips().copied().collect(),
-                })
-                .collect(),
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::uapi::proto::{AllowedIpChange, PeerChange};
+    use crate::datapath::{diff, DatapathPlan, Step};
+    use crate::model::{Desired, LinkState};
+    use crate::settings::Settings;
+
+    /// Applies `req` to a copy, as the planner does, and returns the copy
+    /// with the data-path steps from the old state to it.
+    trait Apply {
+        fn apply(&self, req: SetRequest) -> Result<(DeviceConfig, DatapathPlan), i32>;
+    }
+
+    impl Apply for DeviceConfig {
+        fn apply(&self, req: SetRequest) -> Result<(DeviceConfig, DatapathPlan), i32> {
+            let mut next = self.clone();
+            next.apply_set(req)?;
+            next.release_removed(self);
+            let project = |device: &DeviceConfig| {
+                Desired {
+                    interface: "t".into(),
+                    device: device.clone(),
+                    settings: Settings::new(Vec::new(), 0),
+                    link: LinkState {
+                        networks: Vec::new(),
+                        mtu: 1420,
+                    },
+                }
+                .datapath()
+            };
+            let plan = diff(Some(&project(self)), &project(&next));
+            Ok((next, plan))
+        }
+    }
 
     fn key(b: u8) -> Key {
         Key([b; 32])
@@ -484,7 +429,7 @@ mod tests {
 
     #[test]
     fn allowed_ip_moves_to_its_new_owner() {
-        let cfg = DeviceConfig::new(Some(key(1)), 51820);
+        let cfg = DeviceConfig::new(Some(key(1)));
         let (cfg, _) = cfg
             .apply(set(vec![peer(2, &["100.64.0.0/24"])]))
             .expect("valid");
@@ -493,14 +438,14 @@ mod tests {
             .expect("valid");
         assert!(ips(&cfg, 2).is_empty());
         assert_eq!(ips(&cfg, 3), ["100.64.0.0/24", "100.64.1.0/24"]);
-        let table = plan.table.expect("routes changed");
+        let table = plan.publish.and_then(|p| p.peers).expect("routes changed");
         let owner = cfg.peers[1].handle;
         assert_eq!(table.lookup("100.64.0.9".parse().expect("ip")), Some(owner));
     }
 
     #[test]
     fn ownership_stays_single_through_one_request() {
-        let cfg = DeviceConfig::new(Some(key(1)), 51820);
+        let cfg = DeviceConfig::new(Some(key(1)));
         let (cfg, _) = cfg
             .apply(set(vec![peer(2, &["100.64.0.0/24", "100.64.1.0/24"])]))
             .expect("valid");
@@ -523,7 +468,7 @@ mod tests {
         assert_eq!(ips(&cfg, 2), ["100.64.0.0/24"]);
         assert_eq!(ips(&cfg, 3), ["100.64.2.0/24"]);
         assert_eq!(cfg.peers.len(), 2);
-        let table = plan.table.expect("routes changed");
+        let table = plan.publish.and_then(|p| p.peers).expect("routes changed");
         let lookup = |ip: &str| table.lookup(ip.parse().expect("ip"));
         assert_eq!(lookup("100.64.0.9"), Some(cfg.peers[0].handle));
         assert_eq!(lookup("100.64.1.9"), None);
@@ -532,12 +477,12 @@ mod tests {
 
     #[test]
     fn private_key_is_stored_clamped() {
-        let cfg = DeviceConfig::new(Some(key(0xff)), 51820);
+        let cfg = DeviceConfig::new(Some(key(0xff)));
         let mut want = [0xff; 32];
         want[0] = 0xf8;
         want[31] = 0x7f;
         assert_eq!(cfg.private_key, Some(Key(want)));
-        let (cfg, _) = DeviceConfig::new(None, 51820)
+        let (cfg, _) = DeviceConfig::new(None)
             .apply(SetRequest {
                 private_key: Some(Some(key(0xff))),
                 ..SetRequest::default()
@@ -549,12 +494,12 @@ mod tests {
 
     #[test]
     fn update_only_does_not_create_and_remove_removes() {
-        let cfg = DeviceConfig::new(Some(key(1)), 51820);
+        let cfg = DeviceConfig::new(Some(key(1)));
         let mut only = peer(2, &["100.64.0.2/32"]);
         only.update_only = true;
         let (cfg, plan) = cfg.apply(set(vec![only])).expect("valid");
         assert!(cfg.peers.is_empty());
-        assert!(plan.before_table.is_empty() && plan.table.is_none());
+        assert!(plan.is_empty());
 
         let (cfg, _) = cfg
             .apply(set(vec![peer(2, &["100.64.0.2/32"])]))
@@ -564,14 +509,14 @@ mod tests {
         gone.remove = true;
         let (cfg, plan) = cfg.apply(set(vec![gone])).expect("valid");
         assert!(cfg.peers.is_empty());
-        assert!(matches!(plan.after_table[..], [Change::RemovePeer(h)] if h == handle));
-        let table = plan.table.expect("routes changed");
+        assert!(matches!(plan.after[..], [Step::RemovePeer(h)] if h == handle));
+        let table = plan.publish.and_then(|p| p.peers).expect("routes changed");
         assert_eq!(table.lookup("100.64.0.2".parse().expect("ip")), None);
     }
 
     #[test]
     fn replace_allowed_ips_and_removals() {
-        let cfg = DeviceConfig::new(Some(key(1)), 51820);
+        let cfg = DeviceConfig::new(Some(key(1)));
         let (cfg, _) = cfg
             .apply(set(vec![peer(2, &["100.64.0.0/24", "fd00::/64"])]))
             .expect("valid");
@@ -589,7 +534,7 @@ mod tests {
     fn own_key_peer_is_ignored_and_dropped_on_key_change() {
         let own = key(1);
         let own_public = Key(public_key_of(&own));
-        let cfg = DeviceConfig::new(Some(key(9)), 51820);
+        let cfg = DeviceConfig::new(Some(key(9)));
         let (cfg, _) = cfg
             .apply(set(vec![PeerChange {
                 public_key: own_public.clone(),
@@ -604,7 +549,10 @@ mod tests {
             })
             .expect("valid");
         assert!(cfg.peers.is_empty());
-        assert!(plan.private_key_changed);
+        assert!(plan
+            .before
+            .iter()
+            .any(|s| matches!(s, Step::SetPrivateKey(_))));
         let (cfg, _) = cfg
             .apply(set(vec![PeerChange {
                 public_key: own_public,
@@ -616,7 +564,7 @@ mod tests {
 
     #[test]
     fn replace_peers_gives_fresh_handles_and_reuses_slots_safely() {
-        let cfg = DeviceConfig::new(Some(key(1)), 51820);
+        let cfg = DeviceConfig::new(Some(key(1)));
         let (cfg, _) = cfg
             .apply(set(vec![peer(2, &["100.64.0.2/32"])]))
             .expect("valid");
@@ -630,7 +578,7 @@ mod tests {
             .expect("valid");
         let new = cfg.peers[0].handle;
         assert_ne!(old, new);
-        assert!(matches!(plan.after_table[..], [Change::RemovePeer(h)] if h == old));
+        assert!(matches!(plan.after[..], [Step::RemovePeer(h)] if h == old));
         // A later peer may take the freed slot, but never the old handle.
         let (cfg, _) = cfg
             .apply(set(vec![peer(3, &["100.64.0.3/32"])]))
@@ -640,15 +588,13 @@ mod tests {
 
     #[test]
     fn the_current_state_is_untouched_by_apply() {
-        let cfg = DeviceConfig::new(Some(key(1)), 51820);
+        let cfg = DeviceConfig::new(Some(key(1)));
         let _ = cfg
             .apply(SetRequest {
-                listen_port: Some(1),
                 peers: vec![peer(2, &["100.64.0.2/32"])],
                 ..SetRequest::default()
             })
             .expect("valid");
         assert!(cfg.peers.is_empty());
-        assert_eq!(cfg.listen_port, 51820);
     }
 }

@@ -1,0 +1,139 @@
+//! What `vpcgate status` and `peer list` report: the desired state, joined
+//! with what only the data path knows (each peer's roamed endpoint, its
+//! last handshake and its byte counts).
+
+use std::net::SocketAddr;
+use std::time::SystemTime;
+
+use vpcgate_node::PeerHandle;
+use vpcgate_proto::{PeerStatus, Status};
+
+use crate::device::PeerConfig;
+use crate::key::b64;
+use crate::model::Desired;
+
+/// A peer's live figures, read from the data path.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PeerLive {
+    /// Where its packets come from now (roaming); `None`: never heard.
+    pub endpoint: Option<SocketAddr>,
+    pub last_handshake: Option<SystemTime>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+pub fn peer_status(p: &PeerConfig, live: &PeerLive) -> PeerStatus {
+    PeerStatus {
+        name: p.name.clone(),
+        public_key: b64(&p.public_key.0),
+        endpoint: live.endpoint.or(p.endpoint).map(|e| e.to_string()),
+        allowed_ips: p.effective_allowed_ips().map(ToString::to_string).collect(),
+        latest_handshake: live.last_handshake.and_then(|t| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .ok()
+                .map(|d| d.as_secs())
+        }),
+        rx_bytes: live.rx_bytes,
+        tx_bytes: live.tx_bytes,
+        persistent_keepalive: Some(p.persistent_keepalive).filter(|&k| k > 0),
+        accept_routes: p.accept_routes,
+    }
+}
+
+/// What the shell adds to a status: facts about the host and the data
+/// path's counters.
+pub struct HostFacts {
+    pub listen_port: u16,
+    pub warnings: Vec<String>,
+    pub snat_form: Option<String>,
+    pub drops: Vec<(String, u64)>,
+}
+
+pub fn status(desired: &Desired, live: impl Fn(PeerHandle) -> PeerLive, host: HostFacts) -> Status {
+    let settings = &desired.settings;
+    Status {
+        interface: desired.interface.clone(),
+        public_key: desired
+            .device
+            .public_key()
+            .map(|k| b64(&k))
+            .unwrap_or_default(),
+        listen_port: host.listen_port,
+        address: settings
+            .addresses
+            .iter()
+            .find(|a| a.addr().is_ipv4())
+            .or(settings.addresses.first())
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        addresses: settings.addresses.iter().map(ToString::to_string).collect(),
+        mtu: settings.mtu,
+        public_endpoint: settings.public_endpoint.clone(),
+        advertised_routes: settings
+            .advertised_routes
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        accepted_routes: desired
+            .device
+            .peers
+            .iter()
+            .flat_map(|p| p.learned.iter().map(ToString::to_string))
+            .collect(),
+        snat: settings.snat,
+        snat_form: host.snat_form,
+        mss_clamp: settings.mss_clamp,
+        warnings: host.warnings,
+        peers: desired
+            .device
+            .peers
+            .iter()
+            .map(|p| peer_status(p, &live(p.handle)))
+            .collect(),
+        drops: host.drops,
+    }
+}
+
+/// One peer's figures, as the metrics exposition needs them.
+pub struct PeerSample {
+    pub name: Option<String>,
+    pub public_key: String,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub last_handshake: Option<SystemTime>,
+}
+
+/// What one metrics scrape reports.
+pub struct Sample {
+    pub peers: Vec<PeerSample>,
+    pub drops: Vec<(&'static str, u64)>,
+    pub advertised_routes: usize,
+    pub accepted_routes: usize,
+}
+
+pub fn sample(
+    desired: &Desired,
+    live: impl Fn(PeerHandle) -> PeerLive,
+    drops: Vec<(&'static str, u64)>,
+) -> Sample {
+    Sample {
+        peers: desired
+            .device
+            .peers
+            .iter()
+            .map(|p| {
+                let live = live(p.handle);
+                PeerSample {
+                    name: p.name.clone(),
+                    public_key: b64(&p.public_key.0),
+                    rx_bytes: live.rx_bytes,
+                    tx_bytes: live.tx_bytes,
+                    last_handshake: live.last_handshake,
+                }
+            })
+            .collect(),
+        drops,
+        advertised_routes: desired.settings.advertised_routes.len(),
+        accepted_routes: desired.device.peers.iter().map(|p| p.learned.len()).sum(),
+    }
+}
