@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
 
 use ipnet::IpNet;
-use vpcgate_node::{handle_slot, PeerHandle, RouteTable, MAX_PEERS};
+use vpcgate_node::{handle_slot, PeerHandle, MAX_PEERS};
 
 use crate::errno::ENOSPC;
 use crate::key::{clamped, public_key_of, Key};
@@ -213,20 +213,6 @@ impl DeviceConfig {
 
     pub fn public_key(&self) -> Option<[u8; 32]> {
         self.private_key.as_ref().map(public_key_of)
-    }
-
-    pub fn route_table(&self) -> RouteTable<PeerHandle> {
-        // Learned routes come first so that a configured prefix, inserted
-        // later, wins a tie: the last duplicate wins in `build`.
-        let learned = self
-            .peers
-            .iter()
-            .flat_map(|p| p.learned.iter().map(move |net| (*net, p.handle)));
-        let configured = self
-            .peers
-            .iter()
-            .flat_map(|p| p.allowed_ips.iter().map(move |net| (*net, p.handle)));
-        RouteTable::build(learned.chain(configured))
     }
 
     pub fn peer_by_name(&self, name: &str) -> Option<&PeerConfig> {
