@@ -424,8 +424,10 @@ impl Owner {
                 return;
             }
         };
-        if let Err(e) = self.engine.handle(Intent::Reload { settings, peers }).await {
-            tracing::error!("reload failed, nothing changed: {e}");
+        match self.engine.handle(Intent::Reload { settings, peers }).await {
+            Ok(Some(Response::Done { message })) => tracing::info!("{message}"),
+            Ok(_) => tracing::info!("reloaded settings and peers"),
+            Err(e) => tracing::error!("reload failed, nothing changed: {e}"),
         }
     }
 

@@ -248,8 +248,13 @@ pub fn plan(current: &Desired, intent: Intent) -> Result<Planned, Error> {
         }
         Intent::Reload { settings, peers } => {
             reload(&mut next, settings, &peers)?;
-            let summary = format!("reloaded settings and {} peers", next.device.peers.len());
-            (None, Some(summary))
+            // The reply, not a summary: the owner logs it even when the
+            // files held nothing new, so a SIGHUP is always answered.
+            let message = format!(
+                "reloaded settings and peers ({} peers)",
+                next.device.peers.len()
+            );
+            (Some(Response::Done { message }), None)
         }
     };
     next.device.release_removed(&current.device);

@@ -44,6 +44,9 @@ pub struct Gates {
     pub nat: bool,
     pub store: bool,
     pub links: bool,
+    /// Write the state files after the interface is configured rather
+    /// than before.
+    pub store_last: bool,
 }
 
 impl Gates {
@@ -54,15 +57,18 @@ impl Gates {
         nat: true,
         store: true,
         links: true,
+        store_last: false,
     };
     /// Start-up: the daemon does not start without its port, its state
     /// files and its interface; a refused SNAT table is reported and
-    /// retried.
+    /// retried. The files are written last, so a start that fails leaves
+    /// files of an older format as they were: they cannot be put back.
     pub const START: Gates = Gates {
         port: true,
         nat: false,
         store: true,
         links: true,
+        store_last: true,
     };
     /// Routes a peer offered are used only once they are saved, so that
     /// they are back after a restart; the peer offers them again anyway.
@@ -71,6 +77,7 @@ impl Gates {
         nat: false,
         store: true,
         links: false,
+        store_last: false,
     };
     /// The kernel's reports, and retries: nothing to refuse.
     pub const CONVERGE: Gates = Gates {
@@ -78,6 +85,7 @@ impl Gates {
         nat: false,
         store: false,
         links: false,
+        store_last: false,
     };
 
     pub fn for_intent(intent: &Intent) -> Gates {
@@ -244,16 +252,8 @@ impl<S: Store, N: Nat, L: Links, D: Datapath> Reconciler<S, N, L, D> {
             }
         }
 
-        if let Err(error) = self.save(desired) {
-            let failure = Failure {
-                part: Part::Store,
-                error,
-            };
-            if gates.store {
-                self.undo(&before);
-                return Err(failure);
-            }
-            self.failures.push(failure);
+        if !gates.store_last {
+            self.save_step(desired, gates, &before)?;
         }
 
         let link = desired.link_config();
@@ -291,6 +291,9 @@ impl<S: Store, N: Nat, L: Links, D: Datapath> Reconciler<S, N, L, D> {
                     self.failures.push(failure);
                 }
             }
+        }
+        if gates.store_last {
+            self.save_step(desired, gates, &before)?;
         }
 
         if let Some((bound, port)) = sockets {
@@ -331,6 +334,28 @@ impl<S: Store, N: Nat, L: Links, D: Datapath> Reconciler<S, N, L, D> {
         }
         for failure in &self.failures {
             tracing::warn!(part = ?failure.part, "not yet in effect, will retry: {}", failure.error);
+        }
+        Ok(())
+    }
+
+    /// The store's step: refuses the pass, after putting back what it
+    /// changed, when the store is a gate.
+    fn save_step(
+        &mut self,
+        desired: &Desired,
+        gates: Gates,
+        before: &Applied,
+    ) -> Result<(), Failure> {
+        if let Err(error) = self.save(desired) {
+            let failure = Failure {
+                part: Part::Store,
+                error,
+            };
+            if gates.store {
+                self.undo(before);
+                return Err(failure);
+            }
+            self.failures.push(failure);
         }
         Ok(())
     }

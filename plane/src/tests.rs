@@ -553,3 +553,18 @@ fn a_failed_route_install_is_retried_until_it_succeeds() {
     assert!(block_on(engine.retry()));
     assert!(machine.links.0.borrow().routes.contains(&offered));
 }
+
+#[test]
+fn a_start_that_fails_writes_no_file() {
+    // Files of an older format cannot be put back once rewritten, so a
+    // start writes them only once the interface is configured.
+    let machine = Machine::boot(FakeStore::default());
+    machine.links.0.borrow_mut().faults.fail_next = 1;
+    let desired =
+        Desired::restore("vpcgate0", Some(Key([3; 32])), initial_settings(), &[]).expect("restore");
+    let applied = Applied::at_start(&desired, false, false, (51820, 51820));
+    let mut engine = Engine::new(desired, machine.ports(), applied);
+    let failure = block_on(engine.start()).expect_err("the interface is refused");
+    assert_eq!(failure.part, crate::reconcile::Part::Links);
+    assert_eq!(machine.store.0.borrow().writes, 0, "a file was written");
+}
