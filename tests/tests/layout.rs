@@ -214,8 +214,8 @@ fn the_pure_crates_depend_on_no_runtime_or_os_binding() {
             assert!(!IO.contains(&dep.as_str()), "{krate} depends on {dep}");
         }
         // Nothing below them brings in an async runtime either. (boringtun
-        // itself links libc and nix on Unix, for its own device, which
-        // vpcgate does not use.)
+        // depends on libc and nix whatever its features, nix for its
+        // monotonic clock, and getrandom on libc: those two stay.)
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
         let out = Command::new(cargo)
             .args([
