@@ -560,16 +560,14 @@ impl Node {
         now: Instant,
         tx: &mut impl Transmit,
     ) {
-        let Some(packet) = buf.get(..len) else {
-            self.counters.add(DropReason::Malformed);
-            return;
-        };
-        let Some(ip) = IpPacket::new_checked(packet) else {
+        // Parsed once: the routing-loop check and the MSS clamp read the
+        // same view.
+        let Some(mut ip) = buf.get_mut(..len).and_then(IpPacket::new_checked) else {
             self.counters.add(DropReason::Malformed);
             return;
         };
         let destination = ip.destination();
-        let udp_port = ip.udp_destination_port();
+        let udp_port = ip.udp().map(|u| u.destination_port());
         let routes = self.routes.load();
         let Some(peer) = routes
             .peers
@@ -585,7 +583,7 @@ impl Node {
             self.counters.add(DropReason::RoutingLoop);
             return;
         }
-        mss::clamp_mss(&mut buf[..len], self.mss.0, self.mss.1);
+        mss::clamp(&mut ip, self.mss.0, self.mss.1);
         let padded = len.next_multiple_of(16).min(buf.len());
         buf[len..padded].fill(0);
         peer.encrypt(&buf[..padded], now, &self.counters, tx);
@@ -720,32 +718,41 @@ impl Node {
                     slot.copy_from_slice(&buf[..len]);
                 }
             }
-            let inner = &mut tx.tun_slot(len)[..len];
-            let intercepted = match self.local_v4 {
-                Some(local) if is_v4 => routes_msg::intercept(inner, local),
-                _ => None,
-            };
-            match intercepted {
-                Some((requester, Ok(routes_msg::Message::Request))) => {
-                    answer_route_request = Some(requester);
-                }
-                Some((_, Ok(routes_msg::Message::Routes(set)))) => {
-                    // Only a peer we trust for routes is listened to.
-                    if peer.route_source.is_some() && peer.routes_generation != Some(set.generation)
-                    {
-                        peer.routes_generation = Some(set.generation);
-                        self.events.push(Event::RoutesLearned {
-                            peer: peer.handle,
-                            routes: set.routes().collect(),
-                        });
-                    }
-                }
-                Some((_, Err(()))) => counters.add(DropReason::Malformed),
-                None => {
-                    if in_scope(inner, routes, self.mss) {
-                        tx.commit_tun(len);
-                    } else {
-                        counters.add(DropReason::NotAdvertised);
+            // Parsed once: route messages, the forwarding scope and the MSS
+            // clamp all read this view. (boringtun has checked the lengths
+            // already; a packet it passes and this refuses is counted.)
+            match IpPacket::new_checked(&mut tx.tun_slot(len)[..len]) {
+                None => counters.add(DropReason::Malformed),
+                Some(mut ip) => {
+                    let intercepted = match self.local_v4 {
+                        Some(local) if is_v4 => routes_msg::intercept_view(&ip, local),
+                        _ => None,
+                    };
+                    match intercepted {
+                        Some((requester, Ok(routes_msg::Message::Request))) => {
+                            answer_route_request = Some(requester);
+                        }
+                        Some((_, Ok(routes_msg::Message::Routes(set)))) => {
+                            // Only a peer we trust for routes is listened to.
+                            if peer.route_source.is_some()
+                                && peer.routes_generation != Some(set.generation)
+                            {
+                                peer.routes_generation = Some(set.generation);
+                                self.events.push(Event::RoutesLearned {
+                                    peer: peer.handle,
+                                    routes: set.routes().collect(),
+                                });
+                            }
+                        }
+                        Some((_, Err(()))) => counters.add(DropReason::Malformed),
+                        None => {
+                            if routes.forward.lookup(ip.destination()).is_some() {
+                                mss::clamp(&mut ip, self.mss.0, self.mss.1);
+                                tx.commit_tun(len);
+                            } else {
+                                counters.add(DropReason::NotAdvertised);
+                            }
+                        }
                     }
                 }
             }
@@ -855,17 +862,6 @@ impl Node {
             );
         }
     }
-}
-
-/// Whether a packet from a peer may go to the TUN: its destination is in
-/// the forwarding scope. Clamps its MSS on the way.
-fn in_scope(inner: &mut [u8], routes: &Routes, mss: (u16, u16)) -> bool {
-    let in_scope = IpPacket::new_checked(inner)
-        .is_some_and(|ip| routes.forward.lookup(ip.destination()).is_some());
-    if in_scope {
-        mss::clamp_mss(inner, mss.0, mss.1);
-    }
-    in_scope
 }
 
 /// What one `decapsulate` produced, without the borrow of its buffer.

@@ -5,18 +5,17 @@
 //! because ICMP is filtered somewhere. Lowering the MSS option in each SYN and
 //! SYN-ACK keeps both ends' segments small enough to cross the tunnel whole.
 //!
-//! [`clamp_mss`] rewrites the packet in place and patches the TCP checksum
-//! incrementally, so it never needs the pseudo-header. Every length it relies
-//! on is validated before the first write; anything it does not understand is
+//! [`clamp`] rewrites a packet in place, through the checked view of
+//! [`crate::packet`], and patches the TCP checksum incrementally, so it
+//! never needs the pseudo-header. The view has checked the IP lengths; the
+//! TCP header's own are validated here before the first write; anything it does not understand is
 //! left exactly as it was. Nothing here allocates or panics.
 
-use std::ops::Range;
+use crate::packet::{be16, IpPacket, PROTO_TCP};
 
 const IPV4_MIN_HEADER: usize = 20;
 const IPV6_HEADER: usize = 40;
 const TCP_MIN_HEADER: usize = 20;
-const PROTO_TCP: u8 = 6;
-const IPV4_FRAGMENT_OFFSET_MASK: u16 = 0x1fff;
 
 const TCP_CHECKSUM_AT: usize = 16;
 const TCP_FLAG_SYN: u8 = 0x02;
@@ -39,17 +38,31 @@ const OPT_MSS_LEN: usize = 4;
 /// The TUN must deliver packets with complete checksums (no checksum offload
 /// or virtio-net header): the update patches whatever checksum is present.
 pub fn clamp_mss(packet: &mut [u8], max_mss_v4: u16, max_mss_v6: u16) -> bool {
-    let Some(ip) = IpTcp::new_checked(packet) else {
+    match IpPacket::new_checked(packet) {
+        Some(mut ip) => clamp(&mut ip, max_mss_v4, max_mss_v6),
+        None => false,
+    }
+}
+
+/// [`clamp_mss`] on a packet already parsed: the data path parses each
+/// packet once and hands the same view to every check.
+pub fn clamp<T: AsRef<[u8]> + AsMut<[u8]>>(
+    ip: &mut IpPacket<T>,
+    max_mss_v4: u16,
+    max_mss_v6: u16,
+) -> bool {
+    if ip.protocol() != PROTO_TCP {
         return false;
-    };
-    let max = match ip.family {
-        Family::V4 => max_mss_v4,
-        Family::V6 => max_mss_v6,
-    };
+    }
+    let max = if ip.is_v4() { max_mss_v4 } else { max_mss_v6 };
     if max == 0 {
         return false;
     }
-    match packet.get_mut(ip.segment) {
+    // A later fragment has no TCP header, only a slice of payload that
+    // could look like one; IPv6 extension headers would have to be walked
+    // to find TCP, and SYNs carrying them are rare enough to pass
+    // unclamped (the next header is then not TCP).
+    match ip.transport_mut() {
         Some(segment) => clamp_segment(segment, max),
         None => false,
     }
@@ -66,67 +79,6 @@ pub fn mss_for_mtu(mtu: u16) -> (u16, u16) {
         mtu.saturating_sub(V4_OVERHEAD),
         mtu.saturating_sub(V6_OVERHEAD),
     )
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Family {
-    V4,
-    V6,
-}
-
-/// An IP packet known to carry a whole TCP segment header's worth of bytes
-/// directly after its IP header, with the segment bounded by the IP length
-/// field rather than by the buffer.
-#[derive(Debug, Clone)]
-struct IpTcp {
-    family: Family,
-    segment: Range<usize>,
-}
-
-impl IpTcp {
-    fn new_checked(packet: &[u8]) -> Option<Self> {
-        match packet.first()? >> 4 {
-            4 => Self::v4(packet),
-            6 => Self::v6(packet),
-            _ => None,
-        }
-    }
-
-    fn v4(packet: &[u8]) -> Option<Self> {
-        let header_len = usize::from(packet.first()? & 0x0f) * 4;
-        let total_len = usize::from(be16(packet, 2)?);
-        let fragment = be16(packet, 6)?;
-        let protocol = *packet.get(9)?;
-        // A non-first fragment has no TCP header, only a slice of payload
-        // that could look like one.
-        if header_len < IPV4_MIN_HEADER
-            || total_len < header_len
-            || total_len > packet.len()
-            || fragment & IPV4_FRAGMENT_OFFSET_MASK != 0
-            || protocol != PROTO_TCP
-        {
-            return None;
-        }
-        Some(IpTcp {
-            family: Family::V4,
-            segment: header_len..total_len,
-        })
-    }
-
-    fn v6(packet: &[u8]) -> Option<Self> {
-        let payload_len = usize::from(be16(packet, 4)?);
-        let next_header = *packet.get(6)?;
-        // Extension headers would have to be walked to find TCP; SYNs
-        // carrying them are rare enough to pass unclamped.
-        let end = IPV6_HEADER + payload_len;
-        if next_header != PROTO_TCP || end > packet.len() {
-            return None;
-        }
-        Some(IpTcp {
-            family: Family::V6,
-            segment: IPV6_HEADER..end,
-        })
-    }
 }
 
 /// Clamps every MSS option in a TCP segment that starts at `segment[0]`.
@@ -270,11 +222,6 @@ impl OptionCursor {
     }
 }
 
-fn be16(buf: &[u8], at: usize) -> Option<u16> {
-    let bytes = buf.get(at..at.checked_add(2)?)?;
-    Some(u16::from_be_bytes([*bytes.first()?, *bytes.get(1)?]))
-}
-
 fn put_be16(buf: &mut [u8], at: usize, value: u16) -> bool {
     match at.checked_add(2).and_then(|end| buf.get_mut(at..end)) {
         Some(dst) => {
@@ -397,7 +344,7 @@ mod tests {
     }
 
     /// The TCP segment's range, read from the packet the way a test trusts.
-    fn segment_range(p: &[u8]) -> Range<usize> {
+    fn segment_range(p: &[u8]) -> std::ops::Range<usize> {
         if p[0] >> 4 == 4 {
             let ihl = usize::from(p[0] & 0x0f) * 4;
             ihl..usize::from(u16::from_be_bytes([p[2], p[3]]))

@@ -24,6 +24,8 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
+use crate::packet::IpPacket;
+
 /// UDP port the exchange uses on tunnel addresses.
 pub const PORT: u16 = 51819;
 pub const POLL_INTERVAL: Duration = Duration::from_secs(2);
@@ -68,27 +70,25 @@ pub enum Message {
 /// source and message. Anything else, including malformed messages, is None
 /// and handled as ordinary traffic by the caller.
 pub fn intercept(packet: &[u8], local: Ipv4Addr) -> Option<(Ipv4Addr, Result<Message, ()>)> {
-    let version_ihl = *packet.first()?;
-    if version_ihl >> 4 != 4 {
+    intercept_view(&IpPacket::new_checked(packet)?, local)
+}
+
+/// [`intercept`] on a packet already parsed.
+pub fn intercept_view<T: AsRef<[u8]>>(
+    ip: &IpPacket<T>,
+    local: Ipv4Addr,
+) -> Option<(Ipv4Addr, Result<Message, ()>)> {
+    let (IpAddr::V4(src), IpAddr::V4(dst)) = (ip.source(), ip.destination()) else {
+        return None;
+    };
+    if dst != local || ip.is_fragment() {
         return None;
     }
-    let ihl = usize::from(version_ihl & 0x0f) * 4;
-    let total = usize::from(u16::from_be_bytes([*packet.get(2)?, *packet.get(3)?]));
-    if ihl < IPV4_HEADER || total < ihl + UDP_HEADER || total > packet.len() {
+    let udp = ip.udp()?;
+    if udp.destination_port() != PORT {
         return None;
     }
-    let fragmented = u16::from_be_bytes([*packet.get(6)?, *packet.get(7)?]) & 0x3fff != 0;
-    if *packet.get(9)? != 17 || fragmented {
-        return None;
-    }
-    let dst = Ipv4Addr::from(<[u8; 4]>::try_from(packet.get(16..20)?).ok()?);
-    let src = Ipv4Addr::from(<[u8; 4]>::try_from(packet.get(12..16)?).ok()?);
-    let udp = packet.get(ihl..total)?;
-    let dst_port = u16::from_be_bytes([*udp.get(2)?, *udp.get(3)?]);
-    if dst != local || dst_port != PORT {
-        return None;
-    }
-    let payload = udp.get(UDP_HEADER..)?;
+    let payload = udp.payload();
     if payload.get(..4)? != MAGIC {
         return None;
     }

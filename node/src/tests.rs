@@ -703,3 +703,31 @@ fn handshake_time_is_reported_without_waiting_for_a_tick() {
         b_sees_a.last_handshake()
     );
 }
+
+#[test]
+fn a_tun_packet_whose_lengths_disagree_is_dropped_as_malformed() {
+    let (mut a, mut b) = pair();
+    a.send_ip(&ipv4("100.64.0.2", "100.64.0.1", b"first"));
+    settle(&mut [&mut a, &mut b]);
+    assert_eq!(b.wire.tun.len(), 1);
+
+    // Total length past the bytes read, and a header length under 20.
+    let mut long = ipv4("100.64.0.2", "100.64.0.1", b"cut short");
+    long[2..4].copy_from_slice(&200u16.to_be_bytes());
+    let mut ihl = ipv4("100.64.0.2", "100.64.0.1", b"bad ihl");
+    ihl[0] = 0x44;
+    for bad in [long, ihl] {
+        a.send_ip(&bad);
+    }
+    settle(&mut [&mut a, &mut b]);
+    assert_eq!(a.dropped(DropReason::Malformed), 2);
+    assert_eq!(b.wire.tun.len(), 1, "neither was sent");
+
+    // Bytes after the packet are not part of it.
+    let good = ipv4("100.64.0.2", "100.64.0.1", b"trailer");
+    let mut trailing = good.clone();
+    trailing.extend_from_slice(&[0xee; 5]);
+    a.send_ip(&trailing);
+    settle(&mut [&mut a, &mut b]);
+    assert_eq!(b.wire.tun.last(), Some(&good));
+}
