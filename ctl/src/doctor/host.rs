@@ -15,15 +15,14 @@
 //! doctor forks a child that becomes the service user `vpcgate` and tries.
 //!
 //! The parsers and the functions that turn what was read into a [`Check`]
-//! are pure; only the methods of [`Host`], [`open_as`] and the user lookup
+//! are pure; only the methods of [`Host`], [`open_as`] (in `open_as.rs`) and the user lookup
 //! touch the system.
 
+use super::open_as::open_as;
 use std::collections::BTreeSet;
-use std::ffi::{CStr, CString};
-use std::io::{self, Read};
+use std::ffi::CString;
+use std::io;
 use std::net::{IpAddr, Ipv4Addr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -340,117 +339,6 @@ fn lookup_user(name: &str) -> Option<(libc::uid_t, libc::gid_t)> {
             libc::ERANGE if size < 1 << 20 => size *= 4,
             _ => return None,
         }
-    }
-}
-
-/// What the child of [`open_as`] was doing when a call failed.
-const STEP_SETGROUPS: u8 = 1;
-const STEP_SETGID: u8 = 2;
-const STEP_SETUID: u8 = 3;
-const STEP_OPEN: u8 = 4;
-
-/// Opens `path` for reading and writing as `uid` and `gid`, with no
-/// supplementary groups and no capabilities, and closes it again. This runs
-/// in a forked child, since a process that gives up root cannot get it back.
-/// The outer error means the check could not be made (no fork, or the switch
-/// to that user failed); the inner result is open's.
-pub fn open_as(path: &Path, uid: libc::uid_t, gid: libc::gid_t) -> io::Result<io::Result<()>> {
-    let c_path = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in the path"))?;
-    let mut fds = [0; 2];
-    // SAFETY: fds has room for the two descriptors pipe2 writes.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: pipe2 just opened both, and nothing else owns them.
-    let (reader, writer) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    // SAFETY: the child only makes async-signal-safe calls and then _exits,
-    // so fork is sound even when other threads hold locks.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if pid == 0 {
-        // SAFETY: this is the child, c_path is a valid C string and writer
-        // an open descriptor.
-        unsafe { open_as_child(&c_path, uid, gid, writer.as_raw_fd()) }
-    }
-    drop(writer);
-    // The child writes five bytes when a call fails and nothing when the
-    // open succeeds; either way its exit closes the pipe.
-    let mut report = Vec::new();
-    let read = std::fs::File::from(reader).read_to_end(&mut report);
-    let mut status = 0;
-    loop {
-        // SAFETY: pid is our child, and status a valid place for its status.
-        if unsafe { libc::waitpid(pid, &mut status, 0) } == pid {
-            break;
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-    read?;
-    match report[..] {
-        [] if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 => Ok(Ok(())),
-        [step, a, b, c, d] => {
-            let e = io::Error::from_raw_os_error(i32::from_ne_bytes([a, b, c, d]));
-            let call = match step {
-                STEP_OPEN => return Ok(Err(e)),
-                STEP_SETGROUPS => "setgroups",
-                STEP_SETGID => "setgid",
-                STEP_SETUID => "setuid",
-                _ => "an unknown call",
-            };
-            Err(io::Error::new(
-                e.kind(),
-                format!("cannot become uid {uid} gid {gid} ({call}: {e})"),
-            ))
-        }
-        _ => Err(io::Error::other(format!(
-            "the child that opens {} as uid {uid} ended with wait status {status:#x}",
-            path.display()
-        ))),
-    }
-}
-
-/// The child of [`open_as`]: only async-signal-safe calls, then `_exit`.
-/// On failure it writes the step and errno to `report`.
-///
-/// # Safety
-///
-/// Only in a child just forked, whose other threads are gone; `report` must
-/// be open.
-unsafe fn open_as_child(path: &CStr, uid: libc::uid_t, gid: libc::gid_t, report: RawFd) -> ! {
-    // SAFETY: each call takes valid arguments and is async-signal-safe; the
-    // order matters, as setuid takes away the right to the other two.
-    let step = unsafe {
-        if libc::setgroups(0, ptr::null()) != 0 {
-            STEP_SETGROUPS
-        } else if libc::setgid(gid) != 0 {
-            STEP_SETGID
-        } else if libc::setuid(uid) != 0 {
-            STEP_SETUID
-        } else if libc::open(
-            path.as_ptr(),
-            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
-        ) >= 0
-        {
-            // Exiting closes it.
-            libc::_exit(0)
-        } else {
-            STEP_OPEN
-        }
-    };
-    // SAFETY: __errno_location returns this thread's errno, always valid.
-    let errno = unsafe { *libc::__errno_location() }.to_ne_bytes();
-    let message = [step, errno[0], errno[1], errno[2], errno[3]];
-    // SAFETY: message is valid for its length; a failed write leaves the
-    // parent with no report and a non-zero status, which it reports.
-    unsafe {
-        libc::write(report, message.as_ptr().cast(), message.len());
-        libc::_exit(1)
     }
 }
 
@@ -1346,56 +1234,6 @@ fd000065010100000000000000000000 40 00000000000000000000000000000000 00 fd000064
             "{:?}",
             unchecked.fix
         );
-    }
-
-    /// Opens files as nobody (65534) from a forked child. Needs root, to
-    /// become nobody; fails when not run as root, never passes silently.
-    #[test]
-    fn open_as_checks_the_users_access_not_roots() {
-        // SAFETY: geteuid cannot fail and touches no memory.
-        if unsafe { libc::geteuid() } != 0 {
-            panic!(
-                "must run as root: this test becomes another user \
-                 (run `sudo -E cargo test --release -p vpcgate`)"
-            );
-        }
-        use std::os::unix::fs::PermissionsExt;
-        const NOBODY: u32 = 65534;
-        let dir =
-            std::env::temp_dir().join(format!("vpcgate-doctor-open-as-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("mkdir");
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
-        let file = |name: &str, mode: u32| {
-            let path = dir.join(name);
-            std::fs::write(&path, "").expect("write");
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
-            path
-        };
-        let private = file("private", 0o600);
-        let open = file("open", 0o666);
-
-        let refused = open_as(&private, NOBODY, NOBODY).expect("the check runs");
-        assert_eq!(
-            refused.as_ref().map_err(io::Error::raw_os_error),
-            Err(Some(libc::EACCES)),
-            "{refused:?}"
-        );
-        assert!(
-            open_as(&open, NOBODY, NOBODY)
-                .expect("the check runs")
-                .is_ok(),
-            "a 0666 file opens for nobody"
-        );
-        // As uid 0 the child opens it: the refusal came from becoming nobody.
-        assert!(open_as(&private, 0, 0).expect("the check runs").is_ok());
-        let gone = open_as(&dir.join("gone"), NOBODY, NOBODY).expect("the check runs");
-        assert_eq!(
-            gone.as_ref().map_err(io::Error::raw_os_error),
-            Err(Some(libc::ENOENT)),
-            "{gone:?}"
-        );
-        std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 
     #[test]

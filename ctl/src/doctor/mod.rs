@@ -12,6 +12,7 @@
 mod cloud;
 mod host;
 mod http;
+mod open_as;
 mod routes;
 
 use std::os::unix::net::UnixStream;
