@@ -14,7 +14,9 @@ if [ "$(id -u)" != 0 ]; then
 fi
 list=$(mktemp)
 trap 'rm -f "$list"' EXIT
-cargo test --workspace --exclude vpcgate-e2e --no-run --message-format=json 2>/dev/null |
+# Prints "DIR EXECUTABLE" for each test binary in cargo's JSON messages;
+# $1 is a target name to leave out.
+test_binaries() {
     python3 -c '
 import json, os, sys
 for line in sys.stdin:
@@ -23,22 +25,15 @@ for line in sys.stdin:
     except ValueError:
         continue
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
-        if not m["target"]["name"] == "sim":  # the runner; its tests follow below
+        if m["target"]["name"] != sys.argv[1]:
             print(os.path.dirname(m["manifest_path"]), m["executable"])
-' >"$list"
-sim_target=target/unprivileged-sim
-cargo test --locked --manifest-path node/sim/Cargo.toml --target-dir "$sim_target" --no-run \
-    --message-format=json 2>/dev/null |
-    python3 -c '
-import json, sys
-for line in sys.stdin:
-    try:
-        m = json.loads(line)
-    except ValueError:
-        continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
-        print("node/sim", m["executable"])
-' >>"$list"
+' "$1"
+}
+# node/tests/sim.rs is the runner; the tests it runs follow below.
+cargo test --workspace --exclude vpcgate-e2e --no-run --message-format=json 2>/dev/null |
+    test_binaries sim >"$list"
+cargo test --locked --manifest-path node/sim/Cargo.toml --target-dir target/unprivileged-sim \
+    --no-run --message-format=json 2>/dev/null | test_binaries - >>"$list"
 chmod -R o+rX target
 failed=0
 while read -r dir bin; do
