@@ -17,6 +17,8 @@ pub mod mss;
 pub mod packet;
 pub mod routes_msg;
 pub mod table;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};

@@ -4,37 +4,7 @@
 use super::*;
 use boringtun::x25519::StaticSecret;
 
-#[derive(Default)]
-struct Wire {
-    sent: Vec<(SocketAddr, Vec<u8>)>,
-    /// The local address each datagram in `sent` asked to leave from.
-    sent_from: Vec<Option<IpAddr>>,
-    tun: Vec<Vec<u8>>,
-    udp_slot: Vec<u8>,
-    tun_slot: Vec<u8>,
-}
-
-impl Transmit for Wire {
-    fn udp_slot(&mut self, len: usize) -> &mut [u8] {
-        self.udp_slot.resize(len, 0);
-        &mut self.udp_slot
-    }
-    fn commit_udp(&mut self, to: Endpoint, len: usize) -> bool {
-        self.sent.push((to.remote, self.udp_slot[..len].to_vec()));
-        self.sent_from.push(to.local);
-        true
-    }
-    fn tun_slot(&mut self, len: usize) -> &mut [u8] {
-        if self.tun_slot.len() < len {
-            self.tun_slot.resize(len, 0);
-        }
-        &mut self.tun_slot
-    }
-    fn commit_tun(&mut self, len: usize) {
-        self.tun.push(self.tun_slot[..len].to_vec());
-        self.tun_slot.clear();
-    }
-}
+use crate::testing::MemoryWire as Wire;
 
 struct Host {
     node: Node,

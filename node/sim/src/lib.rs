@@ -20,9 +20,10 @@ use std::time::{Duration, Instant, SystemTime};
 use arc_swap::ArcSwap;
 use boringtun::x25519::{PublicKey, StaticSecret};
 use mock_instant::MockClock;
+use vpcgate_node::testing::MemoryWire;
 use vpcgate_node::{
-    Change, DropCounters, Endpoint, Node, PeerHandle, PeerSpec, PeerStats, RouteTable, Routes,
-    SharedRoutes, Transmit, BUF_SIZE, TIMER_TICK,
+    Change, DropCounters, Node, PeerHandle, PeerSpec, PeerStats, RouteTable, Routes, SharedRoutes,
+    BUF_SIZE, TIMER_TICK,
 };
 
 /// The handle each side gives the other.
@@ -77,40 +78,12 @@ pub struct Sent {
     pub delivered: bool,
 }
 
-#[derive(Default)]
-struct Wire {
-    sent: Vec<(SocketAddr, Vec<u8>)>,
-    udp_slot: Vec<u8>,
-    tun_slot: Vec<u8>,
-    tun: Vec<Vec<u8>>,
-}
-
-impl Transmit for Wire {
-    fn udp_slot(&mut self, len: usize) -> &mut [u8] {
-        self.udp_slot.resize(len, 0);
-        &mut self.udp_slot
-    }
-    fn commit_udp(&mut self, to: Endpoint, len: usize) -> bool {
-        self.sent.push((to.remote, self.udp_slot[..len].to_vec()));
-        true
-    }
-    fn tun_slot(&mut self, len: usize) -> &mut [u8] {
-        if self.tun_slot.len() < len {
-            self.tun_slot.resize(len, 0);
-        }
-        &mut self.tun_slot
-    }
-    fn commit_tun(&mut self, len: usize) {
-        self.tun.push(self.tun_slot[..len].to_vec());
-    }
-}
-
 pub struct Host {
     node: Node,
     table: SharedRoutes,
     addr: SocketAddr,
     tunnel: [u8; 4],
-    wire: Wire,
+    wire: MemoryWire,
     buf: Vec<u8>,
 }
 
@@ -270,7 +243,7 @@ fn host(start: Instant, key: StaticSecret, addr: SocketAddr, tunnel: [u8; 4]) ->
         table,
         addr,
         tunnel,
-        wire: Wire::default(),
+        wire: MemoryWire::default(),
         buf: vec![0; BUF_SIZE],
     }
 }
