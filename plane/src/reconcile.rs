@@ -221,16 +221,8 @@ impl<S: Store, N: Nat, L: Links, D: Datapath> Reconciler<S, N, L, D> {
         } else if rebind {
             match self.ports.datapath.bind(asked, desired.device.fwmark) {
                 Ok((bound, port)) => sockets = Some((bound, port)),
-                Err(error) => {
-                    let failure = Failure {
-                        part: Part::Port,
-                        error,
-                    };
-                    if gates.port {
-                        return Err(failure);
-                    }
-                    self.failures.push(failure);
-                }
+                // The sockets just bound close unused if a later gate refuses.
+                Err(error) => self.fail(Part::Port, error, gates.port)?,
             }
         }
 
@@ -238,17 +230,7 @@ impl<S: Store, N: Nat, L: Links, D: Datapath> Reconciler<S, N, L, D> {
         if self.applied.nat.as_ref() != Some(&nat) {
             match self.ports.nat.apply(&nat) {
                 Ok(()) => self.applied.nat = Some(nat),
-                Err(error) => {
-                    let failure = Failure {
-                        part: Part::Nat,
-                        error,
-                    };
-                    if gates.nat {
-                        // The sockets just bound close unused.
-                        return Err(failure);
-                    }
-                    self.failures.push(failure);
-                }
+                Err(error) => self.fail(Part::Nat, error, gates.nat)?,
             }
         }
 
@@ -346,17 +328,24 @@ impl<S: Store, N: Nat, L: Links, D: Datapath> Reconciler<S, N, L, D> {
         gates: Gates,
         before: &Applied,
     ) -> Result<(), Failure> {
-        if let Err(error) = self.save(desired) {
-            let failure = Failure {
-                part: Part::Store,
-                error,
-            };
-            if gates.store {
+        match self.save(desired) {
+            Err(error) if gates.store => {
                 self.undo(before);
-                return Err(failure);
+                self.fail(Part::Store, error, true)
             }
-            self.failures.push(failure);
+            Err(error) => self.fail(Part::Store, error, false),
+            Ok(()) => Ok(()),
         }
+    }
+
+    /// A failed step: refuses the pass when `gated`, else is recorded to
+    /// be retried.
+    fn fail(&mut self, part: Part, error: PortError, gated: bool) -> Result<(), Failure> {
+        let failure = Failure { part, error };
+        if gated {
+            return Err(failure);
+        }
+        self.failures.push(failure);
         Ok(())
     }
 
