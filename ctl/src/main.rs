@@ -102,6 +102,19 @@ struct SetArgs {
     /// MTU of the tunnel interface (1280-65535).
     #[arg(long)]
     mtu: Option<u32>,
+    /// Answer peers' DNS queries on the tunnel address(es), forwarding them
+    /// to the VPC's resolver, so private names resolve from laptops (on by
+    /// default; client configs then carry `DNS =`).
+    #[arg(long, value_parser = on_off)]
+    dns: Option<bool>,
+    /// Resolvers to forward to, comma-separated, or `auto` for the ones this
+    /// host uses (its resolv.conf; the default).
+    #[arg(long, value_name = "IP[,IP]|auto")]
+    dns_upstream: Option<String>,
+    /// Domains vpcgate clients resolve through this gateway (split DNS),
+    /// comma-separated, e.g. mongodb.net,eventstore.cloud; `none` for none.
+    #[arg(long, value_name = "ZONE[,ZONE]|none")]
+    dns_zones: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -249,6 +262,31 @@ fn print_status(status: &Status) {
         onoff(status.snat),
         onoff(status.mss_clamp)
     );
+    match &status.dns {
+        Some(dns) => {
+            println!(
+                "  dns: on {} -> {} (from {})",
+                list(&dns.listening),
+                list(&dns.upstreams),
+                if dns.upstream_source.is_empty() {
+                    "nowhere"
+                } else {
+                    &dns.upstream_source
+                }
+            );
+            if !dns.zones.is_empty() {
+                println!("  dns zones: {}", dns.zones.join(", "));
+            }
+            println!(
+                "  dns queries: {}, from cache: {}, cached answers: {}",
+                dns.queries, dns.cache_hits, dns.cache_entries
+            );
+            if let Some(problem) = &dns.problem {
+                println!("  dns problem: {problem}");
+            }
+        }
+        None => println!("  dns: off"),
+    }
     for peer in &status.peers {
         println!();
         print_peer(peer);
@@ -407,6 +445,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 listen_port: args.listen_port,
                 address: args.address.map(|a| vec![a]),
                 mtu: args.mtu,
+                dns: args.dns,
+                dns_upstream: args.dns_upstream.map(|a| vec![a]),
+                dns_zones: args.dns_zones.map(|a| vec![a]),
             };
             match request(socket, &Request::Set(options))? {
                 Response::Done { message } => report(&message, json)?,

@@ -51,6 +51,9 @@ pub struct Options {
     pub plain: bool,
     /// Force the SNAT table's nftables form; `None` detects it.
     pub nat_form: Option<NatForm>,
+    /// Where the DNS forwarder reads the host's resolvers, the first file
+    /// that exists.
+    pub resolv_conf: Vec<PathBuf>,
 }
 
 /// Which state files were read in an older format than [`state::FORMAT`].
@@ -194,13 +197,19 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             netlink,
             index: tun_index,
         },
-        datapath: DatapathPort::new(dataplane, routes, options.offload),
+        datapath: DatapathPort::new(dataplane, routes.clone(), options.offload),
     };
+    let dns = crate::dns::Dns::spawn(
+        options.interface.clone(),
+        routes.clone(),
+        options.resolv_conf.clone(),
+    );
     let mut owner = Owner {
         engine: Engine::new(desired, ports, applied),
         counters,
         tun: tun_fd,
         notifier: SdNotifier,
+        dns,
     };
     // Everything that can fail starts here; nothing is served yet.
     if let Err(failure) = owner.engine.start().await {
@@ -218,6 +227,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     }
     // The addresses the TUN carries now, ours and any already there.
     owner.refresh_link().await;
+    owner.dns.apply(&owner.engine.desired().settings);
 
     let (handle, calls) = Handle::new();
     let uapi_task = tokio::spawn(crate::uapi::serve(uapi_listener, handle.clone()));

@@ -7,7 +7,8 @@
 //! ([`dataplane`]), the ports the control plane drives ([`ports`],
 //! [`nat`], [`netlink`], [`state`]), the task that owns the control plane
 //! ([`owner`]) and the servers that talk to it through a [`handle`]
-//! ([`uapi`], [`control`], [`metrics`]), all wired up by [`daemon`].
+//! ([`uapi`], [`control`], [`metrics`]), and the DNS forwarder's sockets
+//! around the `vpcgate-dns` core ([`dns`]), all wired up by [`daemon`].
 //! ARCHITECTURE.md at the repository root has the diagram and the thread
 //! map.
 
@@ -17,6 +18,7 @@ pub mod control;
 pub use vpcgate_node as core;
 pub mod daemon;
 pub mod dataplane;
+pub mod dns;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;

@@ -70,6 +70,14 @@ pub struct Args {
     /// 18.04) [default: inet where it works, else ip+ip6].
     #[arg(long, value_parser = parse_nat_form)]
     nat_form: Option<NatForm>,
+    /// Where the DNS forwarder reads the host's resolvers: the first of
+    /// these files that exists, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "/run/systemd/resolve/resolv.conf,/etc/resolv.conf"
+    )]
+    resolv_conf: Vec<PathBuf>,
     /// Log level (error, warn, info, debug, trace) or a tracing filter.
     /// Overrides VPCGATE_LOG.
     #[arg(long)]
@@ -307,6 +315,7 @@ fn main() -> ExitCode {
         mtu: args.mtu,
         socket_group: args.socket_group,
         metrics_listen: args.metrics_listen,
+        resolv_conf: args.resolv_conf,
         offload: vpcgated::dataplane::Offload {
             tun: !args.no_offload.iter().any(|o| o == "tun"),
             gso: !args.no_offload.iter().any(|o| o == "gso"),

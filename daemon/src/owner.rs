@@ -49,6 +49,8 @@ pub struct Owner {
     /// namespace the device is in (the data path owns the first).
     pub tun: OwnedFd,
     pub notifier: SdNotifier,
+    /// The DNS forwarder, which follows the settings.
+    pub dns: crate::dns::Dns,
 }
 
 /// Why the owner stopped.
@@ -86,6 +88,7 @@ impl Owner {
         let mut delay = RETRY_FIRST;
         let mut retry_at: Option<tokio::time::Instant> = None;
         loop {
+            self.dns.apply(&self.desired().settings);
             if retry_at.is_none() && !self.engine.converged() {
                 retry_at = Some(tokio::time::Instant::now() + delay);
             }
@@ -296,6 +299,7 @@ impl Owner {
                     .iter()
                     .map(|r| (r.as_str().to_string(), self.counters.get(*r)))
                     .collect(),
+                dns: self.dns.status(),
             },
         )
     }

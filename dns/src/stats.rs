@@ -21,10 +21,12 @@ pub enum Result {
     Overloaded,
     /// A TCP connection that stopped mid-frame: closed.
     Stalled,
+    /// From an address no peer owns: dropped unanswered.
+    Outside,
 }
 
 impl Result {
-    pub const ALL: [Result; 8] = [
+    pub const ALL: [Result; 9] = [
         Result::Cache,
         Result::Upstream,
         Result::ServFail,
@@ -33,6 +35,7 @@ impl Result {
         Result::RateLimited,
         Result::Overloaded,
         Result::Stalled,
+        Result::Outside,
     ];
 
     pub fn name(self) -> &'static str {
@@ -45,6 +48,7 @@ impl Result {
             Result::RateLimited => "rate_limited",
             Result::Overloaded => "overloaded",
             Result::Stalled => "stalled",
+            Result::Outside => "outside",
         }
     }
 }
@@ -78,7 +82,7 @@ pub struct Stats {
     pub queries_udp: u64,
     pub queries_tcp: u64,
     /// By [`Result`], in the order of [`Result::ALL`].
-    pub results: [u64; 8],
+    pub results: [u64; 9],
     /// UDP answers cut short with TC set.
     pub truncated: u64,
     pub upstream_sent: u64,

@@ -178,7 +178,7 @@ pub fn plan(current: &Desired, intent: Intent) -> Result<Planned, Error> {
             apply_options(&mut next, &options)?;
             let s = &next.settings;
             let message = format!(
-                "snat {}, mss-clamp {}, public endpoint {}, listen port {}, address {}, mtu {}",
+                "snat {}, mss-clamp {}, public endpoint {}, listen port {}, address {}, mtu {}, dns {}",
                 if s.snat { "on" } else { "off" },
                 if s.mss_clamp { "on" } else { "off" },
                 s.public_endpoint.as_deref().unwrap_or("(not set)"),
@@ -189,6 +189,7 @@ pub fn plan(current: &Desired, intent: Intent) -> Result<Planned, Error> {
                     .collect::<Vec<_>>()
                     .join(","),
                 s.mtu,
+                dns_summary(&s.dns),
             );
             let summary = format!("settings applied: {message}");
             (Some(Response::Done { message }), Some(summary))
@@ -261,6 +262,24 @@ pub fn plan(current: &Desired, intent: Intent) -> Result<Planned, Error> {
     Ok(Planned::new(next, reply, summary))
 }
 
+fn dns_summary(dns: &crate::settings::DnsSettings) -> String {
+    if !dns.enabled {
+        return "off".into();
+    }
+    let upstreams = if dns.upstreams.is_empty() {
+        "the host's resolvers".to_string()
+    } else {
+        let list: Vec<String> = dns.upstreams.iter().map(ToString::to_string).collect();
+        list.join(",")
+    };
+    let zones = if dns.zones.is_empty() {
+        String::new()
+    } else {
+        format!(", zones {}", dns.zones.join(","))
+    };
+    format!("on (upstream {upstreams}{zones})")
+}
+
 fn no_peer(name: &str) -> Error {
     Error::invalid(format!(
         "no peer named {}; see `vpcgate peer list`",
@@ -312,6 +331,26 @@ fn apply_options(next: &mut Desired, options: &SetOptions) -> Result<(), Error> 
     }
     if let Some(port) = options.listen_port {
         settings.listen_port = port;
+    }
+    if let Some(on) = options.dns {
+        settings.dns.enabled = on;
+    }
+    if let Some(list) = &options.dns_upstream {
+        let own: Vec<std::net::IpAddr> = settings.addresses.iter().map(IpNet::addr).collect();
+        settings.dns.upstreams = policy::validate_dns_upstreams(list, &own)?;
+    }
+    if let Some(list) = &options.dns_zones {
+        settings.dns.zones = policy::validate_dns_zones(list)?;
+    }
+    if let Some(clash) = settings
+        .dns
+        .upstreams
+        .iter()
+        .find(|u| settings.addresses.iter().any(|a| a.addr() == **u))
+    {
+        return Err(Error::invalid(format!(
+            "the DNS upstream {clash} would be this gateway's own tunnel address; change it first (vpcgate set --dns-upstream)"
+        )));
     }
     if options.mtu.is_some() {
         // We set it on the TUN; the kernel's report follows.
@@ -473,6 +512,7 @@ pub fn client_config(desired: &Desired, peer: &PeerConfig) -> Result<String, Err
         gateway_public_key: &b64(&gateway),
         endpoint,
         allowed_ips: &allowed,
+        dns: &desired.settings.dns_addresses(),
     }
     .render())
 }

@@ -205,6 +205,95 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// The most upstream resolvers and split-DNS zones a node keeps.
+pub const MAX_DNS_UPSTREAMS: usize = 8;
+pub const MAX_DNS_ZONES: usize = 32;
+
+/// `vpcgate set --dns-upstream`: addresses of resolvers, or `auto` (or
+/// nothing) for the host's own. Our own tunnel addresses would make the
+/// forwarder ask itself.
+pub fn validate_dns_upstreams(items: &[String], own: &[IpAddr]) -> Result<Vec<IpAddr>, String> {
+    let items = split_list(items);
+    if items.iter().any(|i| i == "auto") {
+        return if items.len() == 1 {
+            Ok(Vec::new())
+        } else {
+            Err("give either `auto` (the host's own resolvers) or addresses, not both".into())
+        };
+    }
+    if items.len() > MAX_DNS_UPSTREAMS {
+        return Err(format!(
+            "at most {MAX_DNS_UPSTREAMS} DNS upstreams, not {}",
+            items.len()
+        ));
+    }
+    let mut list = Vec::new();
+    for text in &items {
+        let ip: IpAddr = text.parse().map_err(|_| {
+            format!(
+                "{} is not an IP address of a resolver (for example 198.18.0.2, or `auto` for the host's own)",
+                quote(text)
+            )
+        })?;
+        if ip.is_unspecified() || ip.is_multicast() {
+            return Err(format!("{ip} cannot be a resolver's address"));
+        }
+        if own.contains(&ip) {
+            return Err(format!(
+                "{ip} is this gateway's own tunnel address, where the forwarder itself answers"
+            ));
+        }
+        if !list.contains(&ip) {
+            list.push(ip);
+        }
+    }
+    Ok(list)
+}
+
+/// `vpcgate set --dns-zones`: domain names, lowercased and without the
+/// trailing dot, or `none` (or nothing) for none.
+pub fn validate_dns_zones(items: &[String]) -> Result<Vec<String>, String> {
+    let items = split_list(items);
+    if items.iter().any(|i| i == "none") {
+        return if items.len() == 1 {
+            Ok(Vec::new())
+        } else {
+            Err("give either `none` or zones, not both".into())
+        };
+    }
+    if items.len() > MAX_DNS_ZONES {
+        return Err(format!(
+            "at most {MAX_DNS_ZONES} DNS zones, not {}",
+            items.len()
+        ));
+    }
+    let mut zones = Vec::new();
+    for text in &items {
+        let zone = text.strip_suffix('.').unwrap_or(text).to_ascii_lowercase();
+        let valid = !zone.is_empty()
+            && zone.len() <= 253
+            && zone.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+            });
+        if !valid {
+            return Err(format!(
+                "{} is not a domain name (for example mongodb.net or privatelink.database.windows.net)",
+                quote(text)
+            ));
+        }
+        if !zones.contains(&zone) {
+            zones.push(zone);
+        }
+    }
+    Ok(zones)
+}
+
 /// HOST:PORT or [IPv6]:PORT, as a client's `Endpoint =` line takes it.
 pub fn validate_endpoint(text: &str) -> Result<(), String> {
     let bad = || {
@@ -252,6 +341,8 @@ pub struct ClientConfig<'a> {
     pub gateway_public_key: &'a str,
     pub endpoint: &'a str,
     pub allowed_ips: &'a [IpNet],
+    /// The gateway's forwarder, for the `DNS =` line; empty: no line.
+    pub dns: &'a [IpAddr],
 }
 
 impl ClientConfig<'_> {
@@ -264,11 +355,18 @@ impl ClientConfig<'_> {
                 .join(", ")
         };
         let mtu = self.mtu.to_string();
+        let dns = if self.dns.is_empty() {
+            String::new()
+        } else {
+            let list: Vec<String> = self.dns.iter().map(ToString::to_string).collect();
+            format!("\nDNS = {}", list.join(", "))
+        };
         let parts = [
             "[Interface]\nPrivateKey = ",
             self.private_key,
             "\nAddress = ",
             &join(self.addresses),
+            &dns,
             "\nMTU = ",
             &mtu,
             "\n\n[Peer]\nPublicKey = ",
@@ -545,6 +643,7 @@ mod tests {
             gateway_public_key: "PUB",
             endpoint: "198.18.2.10:51820",
             allowed_ips: &nets(&["100.64.0.0/24", "198.18.64.0/20"]),
+            dns: &[],
         }
         .render();
         assert_eq!(
@@ -553,5 +652,62 @@ mod tests {
              PublicKey = PUB\nEndpoint = 198.18.2.10:51820\nAllowedIPs = 100.64.0.0/24, \
              198.18.64.0/20\nPersistentKeepalive = 25\n"
         );
+        let with_dns = ClientConfig {
+            private_key: "PRIV",
+            addresses: &nets(&["100.64.0.2/32", "fd00:64::2/128"]),
+            mtu: 1420,
+            gateway_public_key: "PUB",
+            endpoint: "198.18.2.10:51820",
+            allowed_ips: &nets(&["100.64.0.0/24"]),
+            dns: &[
+                "100.64.0.1".parse().expect("ip"),
+                "fd00:64::1".parse().expect("ip"),
+            ],
+        }
+        .render();
+        assert!(
+            with_dns.contains("\nAddress = 100.64.0.2/32, fd00:64::2/128\nDNS = 100.64.0.1, fd00:64::1\nMTU = 1420\n"),
+            "{with_dns}"
+        );
+    }
+
+    #[test]
+    fn dns_upstreams_and_zones_are_checked() {
+        let own: Vec<IpAddr> = vec!["100.64.0.1".parse().expect("ip")];
+        let list = |s: &str| vec![s.to_string()];
+        assert_eq!(
+            validate_dns_upstreams(&list("198.18.0.2, fd00::53,198.18.0.2"), &own),
+            Ok(vec![
+                "198.18.0.2".parse().expect("ip"),
+                "fd00::53".parse().expect("ip")
+            ])
+        );
+        assert_eq!(validate_dns_upstreams(&list("auto"), &own), Ok(Vec::new()));
+        for bad in [
+            "auto,198.18.0.2",
+            "100.64.0.1",
+            "0.0.0.0",
+            "ns.example",
+            "224.0.0.1",
+        ] {
+            let err = validate_dns_upstreams(&list(bad), &own).expect_err(bad);
+            assert!(!err.is_empty());
+        }
+        let many = (1..=9)
+            .map(|i| format!("198.18.0.{i}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        assert!(validate_dns_upstreams(&list(&many), &own).is_err());
+        assert_eq!(
+            validate_dns_zones(&list("MongoDB.net., privatelink.database.windows.net")),
+            Ok(vec![
+                "mongodb.net".into(),
+                "privatelink.database.windows.net".into()
+            ])
+        );
+        assert_eq!(validate_dns_zones(&list("none")), Ok(Vec::new()));
+        for bad in ["a..b", "-x.net", "none,a.net", "ex%ample", "."] {
+            assert!(validate_dns_zones(&list(bad)).is_err(), "{bad}");
+        }
     }
 }

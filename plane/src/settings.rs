@@ -1,7 +1,7 @@
 //! The node's own settings, as `vpcgate set` and `advertise-routes` change
 //! them and `settings.json` keeps them, and the rules that hold for them.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -34,6 +34,34 @@ pub struct Settings {
     pub public_endpoint: Option<String>,
     #[serde(default = "default_mtu")]
     pub mtu: u32,
+    #[serde(default)]
+    pub dns: DnsSettings,
+}
+
+/// The DNS forwarder that answers tunnel peers on our tunnel addresses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsSettings {
+    #[serde(default = "enabled")]
+    pub enabled: bool,
+    /// The resolvers to forward to; empty means the ones the host uses
+    /// (its resolv.conf).
+    #[serde(default)]
+    pub upstreams: Vec<IpAddr>,
+    /// The domains vpcgate clients send to us (split DNS), without the
+    /// trailing dot; empty means none, so clients keep their own resolver.
+    #[serde(default)]
+    pub zones: Vec<String>,
+}
+
+impl Default for DnsSettings {
+    fn default() -> Self {
+        DnsSettings {
+            enabled: true,
+            upstreams: Vec::new(),
+            zones: Vec::new(),
+        }
+    }
 }
 
 fn enabled() -> bool {
@@ -55,12 +83,23 @@ impl Settings {
             mss_clamp: true,
             public_endpoint: None,
             mtu: default_mtu(),
+            dns: DnsSettings::default(),
         }
     }
 
     /// The networks this node's tunnel addresses live in.
     pub fn tunnel_networks(&self) -> Vec<IpNet> {
         self.addresses.iter().map(IpNet::trunc).collect()
+    }
+
+    /// Where the DNS forwarder answers: our tunnel addresses, while it is
+    /// on. A plain interface has none of its own (wg-quick's are not ours).
+    pub fn dns_addresses(&self) -> Vec<IpAddr> {
+        if self.dns.enabled {
+            self.addresses.iter().map(IpNet::addr).collect()
+        } else {
+            Vec::new()
+        }
     }
 
     /// The IPv4 tunnel address: where route messages come from and go to.

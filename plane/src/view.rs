@@ -47,6 +47,8 @@ pub struct HostFacts {
     pub warnings: Vec<String>,
     pub snat_form: Option<String>,
     pub drops: Vec<(String, u64)>,
+    /// The DNS forwarder as it runs; `None` while it is off.
+    pub dns: Option<vpcgate_proto::DnsStatus>,
 }
 
 pub fn status(desired: &Desired, live: impl Fn(PeerHandle) -> PeerLive, host: HostFacts) -> Status {
@@ -91,6 +93,7 @@ pub fn status(desired: &Desired, live: impl Fn(PeerHandle) -> PeerLive, host: Ho
             .map(|p| peer_status(p, &live(p.handle)))
             .collect(),
         drops: host.drops,
+        dns: host.dns.map(Box::new),
     }
 }
 

@@ -106,6 +106,15 @@ pub struct SetOptions {
     pub address: Option<Vec<String>>,
     #[serde(default)]
     pub mtu: Option<u32>,
+    /// The DNS forwarder on the tunnel addresses, on or off.
+    #[serde(default)]
+    pub dns: Option<bool>,
+    /// The resolvers it forwards to; `["auto"]`: the host's own.
+    #[serde(default)]
+    pub dns_upstream: Option<Vec<String>>,
+    /// Zones vpcgate clients resolve through us; `["none"]`: none.
+    #[serde(default)]
+    pub dns_zones: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,6 +139,8 @@ pub struct PeerAdd {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "response", rename_all = "snake_case", deny_unknown_fields)]
+// One reply per request, built and dropped at once: its size costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Response {
     Status(Status),
     Routes {
@@ -180,6 +191,26 @@ pub struct Status {
     pub peers: Vec<PeerStatus>,
     /// Packets dropped, by reason.
     pub drops: Vec<(String, u64)>,
+    /// The DNS forwarder; `None` while it is off.
+    #[serde(default)]
+    pub dns: Option<Box<DnsStatus>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsStatus {
+    /// Where it answers: ADDRESS:53 on the TUN.
+    pub listening: Vec<String>,
+    /// Where it forwards to, in order.
+    pub upstreams: Vec<String>,
+    /// Where the upstreams came from: a resolv.conf's path, or `set`.
+    pub upstream_source: String,
+    pub zones: Vec<String>,
+    /// What keeps it from working, if anything.
+    #[serde(default)]
+    pub problem: Option<String>,
+    pub queries: u64,
+    pub cache_hits: u64,
+    pub cache_entries: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -236,6 +236,16 @@ impl GuideNet {
         Ok(())
     }
 
+    /// Plugs `ns` into the VPC subnet's switch with `addrs` (in
+    /// 198.18.64.0/20), as another host of the VPC.
+    pub fn attach_to_vpc(&self, ns: &Netns, addrs: &[&str]) -> Result<String> {
+        let (inside, port) = veth(ns, &self.vpc_switch, addrs, &[])
+            .with_context(|| format!("VPC link of {}", ns.name()))?;
+        self.vpc_switch
+            .ip(&["link", "set", &port, "master", "br0"])?;
+        Ok(inside)
+    }
+
     /// Another laptop on the internet at 198.18.`octet`.2/24, and
     /// fd00:`octet`::2/64 if dual-stack (not 1, 2, 64-79 or a LAN's octet).
     pub fn add_laptop(&self, role: &str, octet: u8) -> Result<Netns> {
@@ -604,10 +614,39 @@ fn one(mut v: Vec<String>, section: &str, key: &str) -> Result<String> {
     Ok(v.remove(0))
 }
 
-/// Keys whose handling by wg-quick reaches outside the namespace (DNS edits
-/// the host's resolver config; hooks run arbitrary commands). A config with
-/// any of them is refused rather than brought up.
-const HOST_TOUCHING_KEYS: &[&str] = &["DNS", "PreUp", "PostUp", "PreDown", "PostDown"];
+/// Keys whose handling by wg-quick reaches outside the namespace (hooks run
+/// arbitrary commands). A config with any of them is refused rather than
+/// brought up. `DNS` is handled by [`WgQuick`] itself.
+const HOST_TOUCHING_KEYS: &[&str] = &["PreUp", "PostUp", "PreDown", "PostDown"];
+
+/// A config without its `DNS =` lines, and the name servers they listed:
+/// wg-quick would hand those to resolvconf, which edits the host's
+/// /etc/resolv.conf, so [`WgQuick`] takes them out and writes the
+/// namespace's resolv.conf itself, as resolvconf would.
+pub fn split_dns(text: &str) -> (String, Vec<String>) {
+    let mut servers = Vec::new();
+    let mut rest = String::with_capacity(text.len());
+    for line in text.lines() {
+        let trimmed = line.trim();
+        let is_dns = trimmed
+            .split_once('=')
+            .is_some_and(|(k, _)| k.trim().eq_ignore_ascii_case("DNS"));
+        if is_dns {
+            if let Some((_, v)) = trimmed.split_once('=') {
+                servers.extend(
+                    v.split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_string),
+                );
+            }
+            continue;
+        }
+        rest.push_str(line);
+        rest.push('\n');
+    }
+    (rest, servers)
+}
 
 /// Writes `text` as `<scratch of ns>/<unique iface>.conf`, mode 0600, and
 /// returns the interface name wg-quick will derive from the file name.
@@ -642,6 +681,8 @@ pub struct WgQuick {
     conf: PathBuf,
     up_log: Proc,
     up: bool,
+    /// Whether `up` wrote the namespace's resolv.conf from `DNS =`.
+    dns_set: bool,
 }
 
 impl WgQuick {
@@ -657,8 +698,23 @@ impl WgQuick {
                 bail!("refusing to run wg-quick on a config with {key} (it acts outside the namespace):\n{}", conf.text);
             }
         }
-        let (iface, path) = write_wg_quick_conf(ns, &conf.text)?;
+        let (text, servers) = split_dns(&conf.text);
+        let (iface, path) = write_wg_quick_conf(ns, &text)?;
         let path_s = path.to_string_lossy().into_owned();
+        let dns_set = !servers.is_empty();
+        if dns_set {
+            // As resolvconf does for wg-quick: addresses are name servers,
+            // anything else a search domain.
+            let mut resolv = String::from("# from the wg-quick config's DNS = line\n");
+            for s in &servers {
+                if s.parse::<IpAddr>().is_ok() {
+                    resolv.push_str(&format!("nameserver {s}\n"));
+                } else {
+                    resolv.push_str(&format!("search {s}\n"));
+                }
+            }
+            ns.set_resolv_conf(&resolv)?;
+        }
         // wireguard-go must daemonize, so WG_PROCESS_FOREGROUND is removed
         // from the environment: with 1 wg-quick would wait on it forever,
         // and any other value makes it re-exec itself endlessly (it appends
@@ -687,6 +743,7 @@ impl WgQuick {
             conf: path,
             up_log,
             up: true,
+            dns_set,
         };
         match status {
             Some(s) if s.success() => {}
@@ -732,6 +789,10 @@ impl WgQuick {
             return Ok(());
         }
         self.up = false;
+        if self.dns_set {
+            // resolvconf -d, as wg-quick down runs it.
+            self.ns.set_resolv_conf(crate::netns::NO_RESOLVER)?;
+        }
         self.ns
             .exec(&["wg-quick", "down", &self.conf.to_string_lossy()])
             .map(drop)?;
@@ -788,6 +849,14 @@ impl Guide {
     /// [`GW_TUNNEL_ADDRS_DUAL`], nothing set through the CLI yet.
     pub fn dual_stack_with_unconfigured_gateway() -> Result<Guide> {
         Guide::start_gateway(GuideNet::new_dual_stack()?, GW_TUNNEL_ADDRS_DUAL)
+    }
+
+    /// The gateway started and configured on `net`, which the caller may
+    /// have extended first (a resolver in the VPC, say).
+    pub fn on(net: GuideNet) -> Result<Guide> {
+        let g = Guide::start_gateway(net, GW_TUNNEL_ADDR)?;
+        g.configure_gateway()?;
+        Ok(g)
     }
 
     fn start_gateway(net: GuideNet, address: &str) -> Result<Guide> {

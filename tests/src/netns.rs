@@ -179,7 +179,28 @@ impl Netns {
             inner: Arc::new(NetnsInner { name, dir }),
         };
         ns.ip(&["link", "set", "lo", "up"])?;
+        // Its own resolv.conf, which `ip netns exec` mounts over
+        // /etc/resolv.conf, so nothing in it can reach the host's resolver.
+        ns.set_resolv_conf(NO_RESOLVER)?;
         Ok(ns)
+    }
+
+    /// Replaces the namespace's /etc/resolv.conf (as `ip netns exec` shows
+    /// it to what runs there) with `text`, as resolvconf or DHCP would.
+    /// Only processes started afterwards see the change if it is the first.
+    pub fn set_resolv_conf(&self, text: &str) -> Result<()> {
+        let dir = Path::new(NETNS_ETC).join(self.name());
+        fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let path = dir.join("resolv.conf");
+        // Written in place, not replaced: the file is bind-mounted into
+        // running processes' view, and a rename would leave them the old one.
+        fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))
+    }
+
+    /// The namespace's resolv.conf, as [`Netns::set_resolv_conf`] left it.
+    pub fn resolv_conf(&self) -> Result<String> {
+        let path = Path::new(NETNS_ETC).join(self.name()).join("resolv.conf");
+        fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))
     }
 
     pub fn name(&self) -> &str {
@@ -293,9 +314,16 @@ fn destroy_namespace(name: &str) {
     }
 }
 
+/// What a namespace's resolv.conf holds until a test gives it a resolver.
+pub const NO_RESOLVER: &str = "# a vpcgate test namespace: no resolver\n";
+
+/// Where `ip netns exec` finds per-namespace files for /etc.
+const NETNS_ETC: &str = "/etc/netns";
+
 impl Drop for NetnsInner {
     fn drop(&mut self) {
         destroy_namespace(&self.name);
+        let _ = fs::remove_dir_all(Path::new(NETNS_ETC).join(&self.name));
         if let Err(e) = fs::remove_dir_all(&self.dir) {
             eprintln!("cleanup: cannot remove {}: {e}", self.dir.display());
         }
@@ -324,6 +352,7 @@ fn sweep_stale_namespaces() {
         eprintln!("removing stale namespace {name} of dead test process {pid}");
         destroy_namespace(name);
         let _ = fs::remove_dir_all(Path::new(SCRATCH_ROOT).join(name));
+        let _ = fs::remove_dir_all(Path::new(NETNS_ETC).join(name));
     }
 }
 

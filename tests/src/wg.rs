@@ -411,6 +411,10 @@ impl WgDev {
             &sock_s,
             "--log-level",
             &cfg.log_level,
+            // The namespace's own file (see `Netns::new`), never the
+            // host's systemd-resolved list.
+            "--resolv-conf",
+            "/etc/resolv.conf",
         ];
         if !cfg.saved_settings {
             argv.extend([

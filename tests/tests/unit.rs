@@ -167,11 +167,15 @@ fn unit_has_the_directives_the_daemon_and_package_rely_on() {
     expect("ExecReload", "/bin/kill -HUP $MAINPID");
     // SIGTERM to the daemon only, so the nft it runs on the way out survives.
     expect("KillMode", "mixed");
-    // The package's account, and nothing but CAP_NET_ADMIN.
+    // The package's account, and nothing but CAP_NET_ADMIN and, for the
+    // DNS forwarder's port 53, CAP_NET_BIND_SERVICE.
     expect("User", "vpcgate");
     expect("Group", "vpcgate");
-    expect("CapabilityBoundingSet", "CAP_NET_ADMIN");
-    expect("AmbientCapabilities", "CAP_NET_ADMIN");
+    expect(
+        "CapabilityBoundingSet",
+        "CAP_NET_ADMIN CAP_NET_BIND_SERVICE",
+    );
+    expect("AmbientCapabilities", "CAP_NET_ADMIN CAP_NET_BIND_SERVICE");
     expect("NoNewPrivileges", "yes");
     // The TUN device, also under ProtectClock=, which restricts devices.
     expect("DevicePolicy", "closed");

@@ -1,0 +1,575 @@
+//! Private DNS, end to end, in the guide's topology with real servers: a
+//! dnsmasq in the VPC plays the VPC's resolver and holds the private zone
+//! (the gateway's own resolv.conf points at it, as DHCP sets it on a cloud
+//! VM); PostgreSQL runs in the peered network; a stock wg-quick client,
+//! fed the printed config (its resolv.conf set from the `DNS =` line as
+//! resolvconf would), connects to the database by its private name with
+//! psql. dig, a client we did not write, checks truncation and TCP, and
+//! that nobody outside the tunnel gets an answer.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use vpcgate_e2e::{
+    require_root, wait_until, Guide, GuideNet, Netns, OrDie, Proc, WgQuick, DB, GW_PUBLIC, GW_VPC,
+};
+
+/// The VPC's resolver: AWS puts it at the VPC's base address + 2.
+const RESOLVER: &str = "198.18.64.2";
+const ZONE: &str = "db.internal.example";
+const DB_NAME: &str = "cluster0.db.internal.example";
+/// A name with so many addresses that its answer needs more than 512 bytes.
+const BIG_NAME: &str = "big.db.internal.example";
+const BIG_COUNT: usize = 60;
+/// dnsmasq's TTL for its own records: long enough that no test outlives it.
+const TTL: u32 = 3600;
+const GW_DNS: &str = "100.64.0.1";
+/// How long a name may take to resolve the first time. The gateway reads
+/// its resolv.conf at once; this only stops a broken forwarder from
+/// hanging the test, and allows for a machine many times slower.
+const FIRST_ANSWER: Duration = Duration::from_secs(60);
+
+/// dnsmasq in its own namespace on the VPC subnet, answering only from its
+/// own records and logging every query it receives.
+struct Resolver {
+    ns: Netns,
+    log: PathBuf,
+    _proc: Proc,
+}
+
+impl Resolver {
+    fn start(net: &GuideNet) -> Resolver {
+        let ns = Netns::new("resolver").or_die("resolver namespace");
+        net.attach_to_vpc(&ns, &[&format!("{RESOLVER}/20")])
+            .or_die("resolver on the VPC subnet");
+        let hosts = ns.dir().join("zone.hosts");
+        let mut text = format!("{DB} {DB_NAME}\n");
+        for i in 0..BIG_COUNT {
+            text.push_str(&format!("198.19.101.{} {BIG_NAME}\n", 100 + i));
+        }
+        std::fs::write(&hosts, text).or_die("zone file");
+        let log = ns.dir().join("queries.log");
+        let args = [
+            "dnsmasq".to_string(),
+            "--keep-in-foreground".into(),
+            "--no-resolv".into(),
+            "--no-hosts".into(),
+            "--no-poll".into(),
+            "--pid-file=".into(),
+            "--user=root".into(),
+            "--group=root".into(),
+            format!("--listen-address={RESOLVER}"),
+            "--bind-interfaces".into(),
+            "--port=53".into(),
+            format!("--addn-hosts={}", hosts.display()),
+            format!("--local-ttl={TTL}"),
+            format!("--local=/{ZONE}/"),
+            // No cache of its own: every query it gets is counted.
+            "--cache-size=0".into(),
+            "--log-queries".into(),
+            format!("--log-facility={}", log.display()),
+        ];
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let proc = ns.spawn("dnsmasq", &argv, &[]).or_die("start dnsmasq");
+        let resolver = Resolver {
+            ns,
+            log,
+            _proc: proc,
+        };
+        wait_until(Duration::from_secs(30), "dnsmasq to answer", || {
+            Ok(dig(
+                &resolver.ns,
+                &["@198.18.64.2", DB_NAME, "+short", "+time=1", "+tries=1"],
+            )
+            .contains(&DB.to_string()))
+        })
+        .or_die("dnsmasq up");
+        resolver
+    }
+
+    /// Queries dnsmasq logged for `name` so far (type A).
+    fn queries_for(&self, name: &str) -> usize {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let needle = format!("query[A] {name} from");
+        text.lines().filter(|l| l.contains(&needle)).count()
+    }
+
+    fn all_queries(&self) -> usize {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        text.lines().filter(|l| l.contains(": query[")).count()
+    }
+}
+
+/// PostgreSQL in the peered network, listening on the database's address,
+/// with a password.
+struct Database {
+    _proc: Proc,
+}
+
+const PG_PASSWORD: &str = "vpcgate-e2e";
+
+fn pg_bin(name: &str) -> PathBuf {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .or_die("PostgreSQL is not installed (/usr/lib/postgresql)")
+        .filter_map(Result::ok)
+        .map(|e| e.path().join("bin").join(name))
+        .filter(|p| p.exists())
+        .collect();
+    versions.sort();
+    versions
+        .pop()
+        .unwrap_or_else(|| panic!("no {name} under /usr/lib/postgresql/*/bin"))
+}
+
+impl Database {
+    fn start(ns: &Netns) -> Database {
+        let dir = ns.dir().join("pg");
+        let data = dir.join("data");
+        std::fs::create_dir_all(&dir).or_die("pg dir");
+        std::fs::write(dir.join("pw"), PG_PASSWORD).or_die("pw file");
+        ns.exec(&["chown", "-R", "postgres:postgres", &dir.to_string_lossy()])
+            .or_die("chown");
+        // The scratch directory above it is root's; postgres must get through.
+        ns.exec(&["chmod", "0755", &ns.dir().to_string_lossy()])
+            .or_die("chmod");
+        let initdb = pg_bin("initdb");
+        ns.exec(&[
+            "runuser",
+            "-u",
+            "postgres",
+            "--",
+            &initdb.to_string_lossy(),
+            "-D",
+            &data.to_string_lossy(),
+            "-U",
+            "postgres",
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+            &format!("--pwfile={}", dir.join("pw").display()),
+        ])
+        .or_die("initdb");
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\nhost all all 0.0.0.0/0 scram-sha-256\n",
+        )
+        .or_die("pg_hba.conf");
+        let postgres = pg_bin("postgres");
+        let proc = ns
+            .spawn(
+                "postgres",
+                &[
+                    "runuser",
+                    "-u",
+                    "postgres",
+                    "--",
+                    &postgres.to_string_lossy(),
+                    "-D",
+                    &data.to_string_lossy(),
+                    "-c",
+                    &format!("listen_addresses={DB}"),
+                    "-c",
+                    "port=5432",
+                    "-c",
+                    &format!("unix_socket_directories={}", dir.display()),
+                ],
+                &[],
+            )
+            .or_die("start postgres");
+        wait_until(
+            Duration::from_secs(60),
+            "postgres to accept connections",
+            || {
+                Ok(ns
+                    .exec_raw(&["bash", "-c", &format!("exec 3<>/dev/tcp/{DB}/5432")])
+                    .is_ok_and(|o| o.status.success()))
+            },
+        )
+        .or_die("postgres up");
+        Database { _proc: proc }
+    }
+}
+
+/// dig's output, whatever its exit status.
+fn dig(ns: &Netns, args: &[&str]) -> String {
+    let mut argv = vec!["dig"];
+    argv.extend_from_slice(args);
+    match ns.exec_raw(&argv) {
+        Ok(out) => format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(e) => panic!("cannot run dig: {e:#}"),
+    }
+}
+
+/// Whether dig's output shows a DNS response of any kind.
+fn got_response(out: &str) -> bool {
+    out.contains("status:") || out.contains("ANSWER SECTION")
+}
+
+fn answer_count(out: &str) -> Option<usize> {
+    let (_, rest) = out.split_once("ANSWER: ")?;
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn flags(out: &str) -> String {
+    out.lines()
+        .find(|l| l.starts_with(";; flags:"))
+        .unwrap_or_default()
+        .to_string()
+}
+
+struct Site {
+    g: Guide,
+    resolver: Resolver,
+    _db: Database,
+}
+
+fn site() -> Site {
+    require_root();
+    let net = GuideNet::new().or_die("guide topology");
+    let resolver = Resolver::start(&net);
+    // The gateway VM's resolver, as the cloud's DHCP gives it.
+    net.gw
+        .set_resolv_conf(&format!("nameserver {RESOLVER}\n"))
+        .or_die("gateway resolv.conf");
+    let db = Database::start(&net.db);
+    let g = Guide::on(net).or_die("gateway");
+    Site {
+        g,
+        resolver,
+        _db: db,
+    }
+}
+
+fn up_client(site: &Site, name: &str, ns: &Netns) -> WgQuick {
+    up_client_conf(site, name, ns).0
+}
+
+fn up_client_conf(site: &Site, name: &str, ns: &Netns) -> (WgQuick, vpcgate_e2e::ClientConf) {
+    let conf = site.g.gateway.ctl.add_client(name).or_die("peer add");
+    assert_eq!(
+        conf.interface("DNS"),
+        [GW_DNS],
+        "the client config should name the gateway's forwarder:\n{}",
+        conf.text
+    );
+    let q = WgQuick::up(ns, &conf).or_die("wg-quick up");
+    assert!(
+        ns.resolv_conf()
+            .or_die("client resolv.conf")
+            .contains(&format!("nameserver {GW_DNS}")),
+        "the DNS = line should have set the client's resolver"
+    );
+    (q, conf)
+}
+
+#[test]
+fn a_stock_client_reaches_the_database_by_its_private_name() {
+    let s = site();
+    let client = &s.g.net.client;
+    let _q = up_client(&s, "laptop", client);
+    let url = format!(
+        "host={DB_NAME} port=5432 user=postgres dbname=postgres sslmode=disable connect_timeout=10"
+    );
+    let mut out = String::new();
+    wait_until(FIRST_ANSWER, "psql to reach the database by name", || {
+        let o = client
+            .exec_raw(&[
+                "env",
+                &format!("PGPASSWORD={PG_PASSWORD}"),
+                "psql",
+                &url,
+                "-tA",
+                "-c",
+                "select 6 * 7, inet_client_addr()",
+            ])
+            .or_die("psql");
+        out = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        Ok(o.status.success())
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\npsql said: {out}"));
+    // The answer, and the gateway's VPC address as the client's (SNAT).
+    assert_eq!(out.trim(), format!("42|{GW_VPC}"), "psql printed {out:?}");
+    assert!(s.resolver.queries_for(DB_NAME) >= 1, "dnsmasq saw no query");
+    let status = s.g.gateway.ctl.run(&["status", "--json"]).or_die("status");
+    assert!(
+        status.contains(&format!("{RESOLVER}:53")) && status.contains("/etc/resolv.conf"),
+        "status should name the upstream and where it came from: {status}"
+    );
+}
+
+#[test]
+fn a_big_answer_is_truncated_over_udp_without_edns_and_whole_over_tcp() {
+    let s = site();
+    let client = &s.g.net.client;
+    let _q = up_client(&s, "laptop", client);
+    let server = format!("@{GW_DNS}");
+    let mut udp = String::new();
+    wait_until(FIRST_ANSWER, "an answer over UDP", || {
+        udp = dig(
+            client,
+            &[
+                &server, BIG_NAME, "A", "+noedns", "+ignore", "+time=2", "+tries=1",
+            ],
+        );
+        Ok(got_response(&udp))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\ndig said: {udp}"));
+    assert!(flags(&udp).contains(" tc"), "no TC over UDP:\n{udp}");
+    assert_eq!(answer_count(&udp), Some(0), "{udp}");
+    assert!(
+        !udp.contains("OPT PSEUDOSECTION"),
+        "an OPT to a client without EDNS:\n{udp}"
+    );
+    let tcp = dig(
+        client,
+        &[&server, BIG_NAME, "A", "+tcp", "+time=5", "+tries=2"],
+    );
+    assert!(!flags(&tcp).contains(" tc"), "TC over TCP:\n{tcp}");
+    assert_eq!(answer_count(&tcp), Some(BIG_COUNT), "{tcp}");
+    // With EDNS 1232 over UDP it fits (60 A records are about 1 KB).
+    let edns = dig(
+        client,
+        &[&server, BIG_NAME, "A", "+bufsize=1232", "+ignore"],
+    );
+    assert_eq!(answer_count(&edns), Some(BIG_COUNT), "{edns}");
+    // Pipelined over one TCP connection: dig +keepopen sends them in turn.
+    let two = dig(
+        client,
+        &[&server, "+tcp", "+keepopen", DB_NAME, BIG_NAME, "+short"],
+    );
+    assert!(
+        two.contains(&DB.to_string()) && two.contains("198.19.101.100"),
+        "{two}"
+    );
+}
+
+#[test]
+fn nobody_outside_the_tunnel_gets_an_answer() {
+    let s = site();
+    let net = &s.g.net;
+    let (_q, conf) = up_client_conf(&s, "laptop", &net.client);
+    let laptop_addr = conf.address4().or_die("laptop address").to_string();
+    // The tunnel works: the client is answered.
+    let mut ok = String::new();
+    wait_until(FIRST_ANSWER, "the client's first answer", || {
+        ok = dig(
+            &net.client,
+            &[
+                &format!("@{GW_DNS}"),
+                DB_NAME,
+                "+short",
+                "+time=2",
+                "+tries=1",
+            ],
+        );
+        Ok(ok.contains(&DB.to_string()))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\ndig said: {ok}"));
+    let before = s.resolver.all_queries();
+    let quiet = |ns: &Netns, server: &str, what: &str| {
+        for transport in ["+notcp", "+tcp"] {
+            let out = dig(
+                ns,
+                &[
+                    &format!("@{server}"),
+                    DB_NAME,
+                    transport,
+                    "+time=2",
+                    "+tries=1",
+                ],
+            );
+            assert!(
+                !got_response(&out),
+                "{what} ({transport}) got an answer from {server}:\n{out}"
+            );
+        }
+    };
+    // The internet side: the gateway's public address, and the tunnel
+    // address routed at the public interface.
+    quiet(&net.inet, &GW_PUBLIC.to_string(), "the internet");
+    net.inet
+        .ip(&[
+            "route",
+            "add",
+            "100.64.0.0/24",
+            "via",
+            &GW_PUBLIC.to_string(),
+        ])
+        .or_die("route");
+    quiet(&net.inet, GW_DNS, "the internet");
+    // The VPC side: the gateway's VPC address, and the tunnel address
+    // routed at the VPC interface.
+    quiet(&net.vpchost, &GW_VPC.to_string(), "a VPC host");
+    net.vpchost
+        .ip(&["route", "add", "100.64.0.0/24", "via", &GW_VPC.to_string()])
+        .or_die("route");
+    quiet(&net.vpchost, GW_DNS, "a VPC host");
+    // A host outside that sends from a peer's tunnel address: the answer
+    // would go into the tunnel, but the query must not even be forwarded.
+    // Only the sockets' binding to the TUN stops this one.
+    for ns in [&net.vpchost, &net.inet] {
+        ns.ip(&["address", "add", &format!("{laptop_addr}/32"), "dev", "lo"])
+            .or_die("a peer's address outside");
+        for transport in ["+notcp", "+tcp"] {
+            let out = dig(
+                ns,
+                &[
+                    &format!("@{GW_DNS}"),
+                    "-b",
+                    &laptop_addr,
+                    "spoofed.db.internal.example",
+                    transport,
+                    "+time=2",
+                    "+tries=1",
+                ],
+            );
+            assert!(
+                !got_response(&out),
+                "{ns:?} got an answer as the laptop:\n{out}"
+            );
+        }
+    }
+    // A peer that spoofs its inner source: an address that is not its own
+    // (another peer's, and one nobody has) goes into the tunnel and is
+    // dropped by cryptokey routing before it reaches any socket.
+    let other = s.g.gateway.ctl.add_client("other").or_die("peer add other");
+    let other_addr = other.address4().or_die("other's address").to_string();
+    let iface = _q.iface().to_string();
+    for spoofed in [other_addr.as_str(), "100.64.0.200"] {
+        net.client
+            .ip(&["address", "add", &format!("{spoofed}/32"), "dev", &iface])
+            .or_die("spoofed address");
+        let out = dig(
+            &net.client,
+            &[
+                &format!("@{GW_DNS}"),
+                "-b",
+                spoofed,
+                DB_NAME,
+                "+time=2",
+                "+tries=1",
+            ],
+        );
+        assert!(
+            !got_response(&out),
+            "a query from {spoofed} was answered:\n{out}"
+        );
+    }
+    assert_eq!(
+        s.resolver.all_queries(),
+        before,
+        "the resolver saw queries nobody should have forwarded"
+    );
+}
+
+#[test]
+fn repeated_queries_reach_the_resolver_once_per_ttl_and_others_are_answered() {
+    let s = site();
+    let net = &s.g.net;
+    let _q1 = up_client(&s, "laptop", &net.client);
+    let laptop2 = net.add_laptop("laptop2", 3).or_die("second laptop");
+    let _q2 = up_client(&s, "laptop2", &laptop2);
+    let mut ok = String::new();
+    wait_until(FIRST_ANSWER, "the first answer", || {
+        ok = dig(
+            &net.client,
+            &[
+                &format!("@{GW_DNS}"),
+                DB_NAME,
+                "+short",
+                "+time=2",
+                "+tries=1",
+            ],
+        );
+        Ok(ok.contains(&DB.to_string()))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\ndig said: {ok}"));
+    let before = s.resolver.queries_for(DB_NAME);
+    // 10,000 queries for the same name from the first laptop, at most 64
+    // outstanding; each unanswered one is given up after a second.
+    let flood = net
+        .client
+        .spawn(
+            "flood",
+            &["python3", "-c", FLOOD, GW_DNS, DB_NAME, "10000"],
+            &[],
+        )
+        .or_die("flood");
+    // Meanwhile the second laptop asks for another name 20 times.
+    for i in 0..20 {
+        let out = dig(
+            &laptop2,
+            &[
+                &format!("@{GW_DNS}"),
+                BIG_NAME,
+                "+bufsize=1232",
+                "+short",
+                "+time=2",
+                "+tries=5",
+            ],
+        );
+        assert!(
+            out.contains("198.19.101.100"),
+            "query {i} of the second laptop was not answered during the flood:\n{out}"
+        );
+    }
+    let mut flood = flood;
+    let status = flood
+        .wait_timeout(Duration::from_secs(600))
+        .or_die("flood wait");
+    let report = flood.log_tail(4096);
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "flood failed: {report}"
+    );
+    let answered: usize = report
+        .lines()
+        .find_map(|l| l.strip_prefix("answered "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no count from the flood: {report}"));
+    assert!(answered > 0, "{report}");
+    // The TTL is an hour: the cache answered every one of them.
+    assert_eq!(
+        s.resolver.queries_for(DB_NAME),
+        before,
+        "queries reached the resolver though its answer was cached"
+    );
+}
+
+/// Sends N queries for NAME to SERVER over UDP, with up to 64 outstanding,
+/// and prints how many were answered.
+const FLOOD: &str = r#"
+import socket, struct, sys, time, select
+server, name, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+def query(i):
+    q = struct.pack(">HHHHHH", i & 0xFFFF, 0x0100, 1, 0, 0, 0)
+    for label in name.split("."):
+        q += bytes([len(label)]) + label.encode()
+    return q + b"\0" + struct.pack(">HH", 1, 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect((server, 53))
+sent = answered = 0
+outstanding = {}
+while sent < n or outstanding:
+    while sent < n and len(outstanding) < 64:
+        s.send(query(sent)); outstanding[sent & 0xFFFF] = time.monotonic(); sent += 1
+    r, _, _ = select.select([s], [], [], 0.2)
+    if r:
+        data = s.recv(4096)
+        if len(data) >= 12 and outstanding.pop(struct.unpack(">H", data[:2])[0], None) is not None:
+            answered += 1
+    now = time.monotonic()
+    for k in [k for k, t in outstanding.items() if now - t > 1.0]:
+        del outstanding[k]
+print("answered", answered)
+"#;
