@@ -82,7 +82,12 @@ enum Cmd {
 }
 
 #[derive(Args, Debug)]
-#[command(arg_required_else_help = true)]
+// At least one setting: a bare `vpcgate set` is an error that names them,
+// not a page of help.
+#[command(group(clap::ArgGroup::new("setting").required(true).multiple(true).args([
+    "snat", "mss_clamp", "public_endpoint", "listen_port", "address", "mtu",
+    "dns", "dns_upstream", "dns_zones",
+])))]
 struct SetArgs {
     /// Masquerade peer traffic to advertised ranges behind this gateway's address.
     #[arg(long, value_parser = on_off)]

@@ -38,7 +38,10 @@ pub const PEERS_FILE: &str = "peers.json";
 /// 2. vpcgate 0.2.0. `private.key` opens with the comment line
 ///    `# vpcgate private key (state format 2)`; `settings.json` is
 ///    `{"format": 2, "settings": {...}}` and `peers.json`
-///    `{"format": 2, "peers": [...]}`, the inner values as in format 1.
+///    `{"format": 2, "peers": [...]}`, the inner values as in format 1,
+///    and the settings may hold `dns` (the forwarder's settings; absent
+///    means on, with the host's resolvers). Format 2 is not released yet,
+///    so that optional field joined it without a new number.
 pub const FORMAT: u32 = 2;
 
 /// What a state file held, and the format it was in.

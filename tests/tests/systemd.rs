@@ -280,10 +280,11 @@ fn fresh_install_under_systemd() {
     let caps = c
         .exec(&["grep", "^CapEff:", &format!("/proc/{pid}/status")])
         .or_die("capabilities");
-    // CAP_NET_ADMIN is bit 12, and the only one.
+    // CAP_NET_ADMIN (bit 12) and CAP_NET_BIND_SERVICE (bit 10, for the DNS
+    // forwarder's port 53), and nothing else.
     assert_eq!(
         caps.split_whitespace().nth(1),
-        Some("0000000000001000"),
+        Some("0000000000001400"),
         "{caps}"
     );
     // Type=notify: `systemctl restart` returns once READY=1 came, and by
