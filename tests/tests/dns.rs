@@ -223,6 +223,25 @@ fn flags(out: &str) -> String {
         .to_string()
 }
 
+/// Waits until `client` gets the database's address from the gateway.
+fn first_answer(client: &Netns) {
+    let mut said = String::new();
+    wait_until(FIRST_ANSWER, "the client's first answer", || {
+        said = dig(
+            client,
+            &[
+                &format!("@{GW_DNS}"),
+                DB_NAME,
+                "+short",
+                "+time=2",
+                "+tries=1",
+            ],
+        );
+        Ok(said.contains(&DB.to_string()))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\ndig said: {said}"));
+}
+
 struct Site {
     g: Guide,
     resolver: Resolver,
@@ -360,21 +379,7 @@ fn nobody_outside_the_tunnel_gets_an_answer() {
     let (_q, conf) = up_client_conf(&s, "laptop", &net.client);
     let laptop_addr = conf.address4().or_die("laptop address").to_string();
     // The tunnel works: the client is answered.
-    let mut ok = String::new();
-    wait_until(FIRST_ANSWER, "the client's first answer", || {
-        ok = dig(
-            &net.client,
-            &[
-                &format!("@{GW_DNS}"),
-                DB_NAME,
-                "+short",
-                "+time=2",
-                "+tries=1",
-            ],
-        );
-        Ok(ok.contains(&DB.to_string()))
-    })
-    .unwrap_or_else(|e| panic!("{e:#}\ndig said: {ok}"));
+    first_answer(&net.client);
     let before = s.resolver.all_queries();
     let quiet = |ns: &Netns, server: &str, what: &str| {
         for transport in ["+notcp", "+tcp"] {
@@ -479,21 +484,7 @@ fn repeated_queries_reach_the_resolver_once_per_ttl_and_others_are_answered() {
     let _q1 = up_client(&s, "laptop", &net.client);
     let laptop2 = net.add_laptop("laptop2", 3).or_die("second laptop");
     let _q2 = up_client(&s, "laptop2", &laptop2);
-    let mut ok = String::new();
-    wait_until(FIRST_ANSWER, "the first answer", || {
-        ok = dig(
-            &net.client,
-            &[
-                &format!("@{GW_DNS}"),
-                DB_NAME,
-                "+short",
-                "+time=2",
-                "+tries=1",
-            ],
-        );
-        Ok(ok.contains(&DB.to_string()))
-    })
-    .unwrap_or_else(|e| panic!("{e:#}\ndig said: {ok}"));
+    first_answer(&net.client);
     let before = s.resolver.queries_for(DB_NAME);
     // 10,000 queries for the same name from the first laptop, at most 64
     // outstanding; each unanswered one is given up after a second.
