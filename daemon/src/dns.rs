@@ -195,14 +195,6 @@ impl Dns {
             cache_entries: report.stats.cache_entries,
         })
     }
-
-    /// The forwarder's counters; `None` while it is off.
-    pub fn stats(&self) -> Option<Stats> {
-        if self.config.borrow().listen.is_empty() {
-            return None;
-        }
-        self.report.lock().ok().map(|r| r.stats.clone())
-    }
 }
 
 impl Drop for Dns {
