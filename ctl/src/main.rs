@@ -88,6 +88,9 @@ enum Cmd {
     "snat", "mss_clamp", "public_endpoint", "listen_port", "address", "mtu",
     "dns", "dns_upstream", "dns_zones",
 ])))]
+// clap's own usage line lists every member of the group as one word, which
+// neither a terminal nor troff can break.
+#[command(override_usage = "vpcgate set --SETTING VALUE [--SETTING VALUE]... [OPTIONS]")]
 struct SetArgs {
     /// Masquerade peer traffic to advertised ranges behind this gateway's address.
     #[arg(long, value_parser = on_off)]
