@@ -198,6 +198,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             index: tun_index,
         },
         datapath: DatapathPort::new(dataplane, routes.clone(), options.offload),
+        resolver: crate::resolved::Resolvectl,
     };
     let dns = crate::dns::Dns::spawn(
         options.interface.clone(),

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use vpcgate_plane::intent::{self, Error, Intent, NewPeer};
 use vpcgate_plane::model::{Desired, LinkState};
 use vpcgate_plane::ports::{Nat, Notifier, ServiceState};
-use vpcgate_plane::reconcile::Engine;
+use vpcgate_plane::reconcile::{Engine, Part};
 use vpcgate_plane::settings::Settings;
 use vpcgate_plane::view::{self, HostFacts, Sample};
 use vpcgate_proto::{Request, Response, Status};
@@ -31,9 +31,10 @@ use crate::handle::Call;
 use crate::nat::NftNat;
 use crate::netlink::{Changes, Netlink};
 use crate::ports::{DatapathPort, NetLinks, SdNotifier, StateStore};
+use crate::resolved::Resolvectl;
 use crate::uapi::text;
 
-pub type RealEngine = Engine<StateStore, NftNat, NetLinks, DatapathPort>;
+pub type RealEngine = Engine<StateStore, NftNat, NetLinks, DatapathPort, Resolvectl>;
 
 /// A failed step is tried again after this long, doubling up to
 /// [`RETRY_MAX`]: soon enough that a passing hiccup (netlink busy, nft
@@ -117,7 +118,7 @@ impl Owner {
                 })),
                 Some(call) = calls.recv() => self.call(call).await,
                 Some(event) = events.recv() => match event {
-                    Event::RoutesLearned { peer, routes } => self.routes_learned(peer, routes).await,
+                    Event::RoutesLearned { peer, routes, dns } => self.routes_learned(peer, routes, dns).await,
                 },
                 change = changes.next(), if watching => {
                     if change.is_none() {
@@ -300,6 +301,14 @@ impl Owner {
                     .map(|r| (r.as_str().to_string(), self.counters.get(*r)))
                     .collect(),
                 dns: self.dns.status(),
+                link_dns_applied: self.engine.reconciler().applied().link_dns == desired.link_dns(),
+                link_dns_problem: self
+                    .engine
+                    .reconciler()
+                    .failures()
+                    .iter()
+                    .find(|f| f.part == Part::Dns)
+                    .map(|f| f.error.message.clone()),
             },
         )
     }
@@ -317,7 +326,12 @@ impl Owner {
 
     /// A peer advertised routes. Only a trusted peer's are considered,
     /// against the networks this host reaches without the tunnel.
-    async fn routes_learned(&mut self, peer: PeerHandle, routes: Vec<ipnet::IpNet>) {
+    async fn routes_learned(
+        &mut self,
+        peer: PeerHandle,
+        routes: Vec<ipnet::IpNet>,
+        dns: Option<crate::core::routes_msg::DnsOffer>,
+    ) {
         if !self
             .desired()
             .device
@@ -337,6 +351,7 @@ impl Owner {
         let intent = Intent::RoutesOffered {
             peer,
             routes,
+            dns: dns.map(Box::new),
             local,
         };
         if let Err(e) = self.engine.handle(intent).await {

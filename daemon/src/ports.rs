@@ -146,7 +146,7 @@ impl DatapathPort {
                 Step::SetKeepalive(handle, keepalive) => Change::SetKeepalive(handle, keepalive),
                 Step::SetRouteSource(handle, source) => Change::SetRouteSource(handle, source),
                 Step::SetLocalAddress(address) => Change::SetLocalAddress(address),
-                Step::SetAdvertised(routes) => Change::SetAdvertised(routes),
+                Step::SetAdvertised(routes, dns) => Change::SetAdvertised(routes, dns),
                 Step::SetMssClamp(v4, v6) => Change::SetMssClamp(v4, v6),
                 Step::SetMtu(mtu) => {
                     self.flush(&mut changes);

@@ -313,6 +313,9 @@ fn control_seeds() -> Seeds {
                 listen_port: Some(51820),
                 address: Some(vec!["100.64.0.1/24".into(), "fd00:64::1/64".into()]),
                 mtu: Some(1380),
+                dns: Some(true),
+                dns_upstream: Some(vec!["198.18.64.2".into(), "fd00:64::53".into()]),
+                dns_zones: Some(vec!["mongodb.net".into(), "internal.example".into()]),
             }),
         ),
         (
@@ -391,10 +394,29 @@ fn control_seeds() -> Seeds {
         advertised_routes: vec!["198.18.64.0/20".into()],
         accepted_routes: vec![],
         snat: true,
+        snat_form: Some("inet".into()),
         mss_clamp: true,
         warnings: vec!["IPv4 forwarding is off".into()],
         peers: vec![peer_status(Some("laptop")), peer_status(None)],
         drops: vec![("not_advertised".into(), 3), ("source".into(), 0)],
+        dns: Some(Box::new(vpcgate_proto::DnsStatus {
+            listening: vec!["100.64.0.1:53".into()],
+            upstreams: vec!["198.18.64.2:53".into()],
+            upstream_source: "/etc/resolv.conf".into(),
+            zones: vec!["mongodb.net".into()],
+            problem: None,
+            queries: 12,
+            cache_hits: 4,
+            cache_entries: 3,
+        })),
+        link_dns: Some(Box::new(vpcgate_proto::LinkDnsStatus {
+            servers: vec!["100.64.0.9".into()],
+            domains: vec!["~mongodb.net".into()],
+            from: vec!["gateway".into()],
+            applied: false,
+            problem: Some("resolvectl failed".into()),
+            command: "resolvectl dns vpcgate0 100.64.0.9 && resolvectl domain vpcgate0 '~mongodb.net'".into(),
+        })),
     };
     let responses = [
         ("status", Response::Status(status)),
@@ -550,10 +572,25 @@ fn routes_msg_seeds() -> Seeds {
         ),
     ];
     for (i, (name, routes)) in sets.into_iter().enumerate() {
-        let n = routes_msg::build_routes(gateway, laptop, 1 + i as u64, &routes, &mut buf)
+        let n = routes_msg::build_routes(gateway, laptop, 1 + i as u64, &routes, None, &mut buf)
             .expect("routes fit");
         seeds.push((name.into(), buf[..n].to_vec()));
     }
+    let offer = routes_msg::DnsOffer::new(
+        &[gateway.into(), "fd00:64::1".parse().expect("ip")],
+        &["mongodb.net", "privatelink.database.windows.net"],
+    )
+    .expect("a valid offer");
+    let n = routes_msg::build_routes(
+        gateway,
+        laptop,
+        9,
+        &[net("198.18.64.0/20")],
+        Some(&offer),
+        &mut buf,
+    )
+    .expect("routes and DNS fit");
+    seeds.push(("routes-dns".into(), buf[..n].to_vec()));
     let n = routes_msg::build_request(laptop, gateway, &mut buf).expect("request fits");
     let mut other_port = buf[..n].to_vec();
     other_port[22..24].copy_from_slice(&53u16.to_be_bytes());

@@ -291,6 +291,8 @@ pub enum Event {
     RoutesLearned {
         peer: PeerHandle,
         routes: Vec<ipnet::IpNet>,
+        /// Its DNS forwarder, if it offers one.
+        dns: Option<routes_msg::DnsOffer>,
     },
 }
 
@@ -309,8 +311,8 @@ pub enum Change {
     /// Our own tunnel IPv4 address: the source of route messages, and where
     /// peers send route requests.
     SetLocalAddress(Option<Ipv4Addr>),
-    /// What we answer route requests with.
-    SetAdvertised(Vec<ipnet::IpNet>),
+    /// The routes and the DNS forwarder advertised to peers that ask.
+    SetAdvertised(Vec<ipnet::IpNet>, Option<Box<routes_msg::DnsOffer>>),
     /// Largest TCP MSS for IPv4 and IPv6 SYNs crossing the tunnel; 0 = off.
     SetMssClamp(u16, u16),
 }
@@ -402,6 +404,7 @@ pub struct Node {
     next_limiter_reset: Instant,
     local_v4: Option<Ipv4Addr>,
     advertised: Vec<ipnet::IpNet>,
+    advertised_dns: Option<routes_msg::DnsOffer>,
     /// Changes with every advertised set, so receivers can skip repeats.
     advertised_generation: u64,
     mss: (u16, u16),
@@ -427,6 +430,7 @@ impl Node {
             next_limiter_reset: now,
             local_v4: None,
             advertised: Vec::new(),
+            advertised_dns: None,
             advertised_generation: 0,
             mss: (0, 0),
             wall_at: (now, UNIX_EPOCH),
@@ -487,8 +491,9 @@ impl Node {
                 }
             }
             Change::SetLocalAddress(address) => self.local_v4 = address,
-            Change::SetAdvertised(routes) => {
+            Change::SetAdvertised(routes, dns) => {
                 self.advertised = routes;
+                self.advertised_dns = dns.map(|d| *d);
                 self.advertised_generation = self.advertised_generation.wrapping_add(1);
             }
             Change::SetMssClamp(v4, v6) => self.mss = (v4, v6),
@@ -743,6 +748,7 @@ impl Node {
                                 self.events.push(Event::RoutesLearned {
                                     peer: peer.handle,
                                     routes: set.routes().collect(),
+                                    dns: set.dns,
                                 });
                             }
                         }
@@ -792,6 +798,7 @@ impl Node {
                 requester,
                 self.advertised_generation,
                 &self.advertised,
+                self.advertised_dns.as_ref(),
                 &mut self.control_buf[..],
             ) else {
                 return;

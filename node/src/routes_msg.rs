@@ -18,6 +18,18 @@
 //! ```
 //!
 //! `type` is 1 for a request (no entries) and 2 for an advertisement.
+//!
+//! An advertisement with flag [`FLAG_DNS`] carries the gateway's DNS
+//! forwarder after its entries:
+//!
+//! ```text
+//! servers u8, server: family u8 (4 | 6), address (4 | 16 bytes)
+//! zones u8, zone: length u8, name (lower-case ASCII, no trailing dot)
+//! ```
+//!
+//! No zones means every name. Receivers that predate the flag read the
+//! entries and ignore what follows them, so the section needs no new
+//! version.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
@@ -41,20 +53,145 @@ const HEADER: usize = 16;
 const IPV4_HEADER: usize = 20;
 const UDP_HEADER: usize = 8;
 
-/// The largest packet `build_*` writes.
-pub const MAX_PACKET: usize = IPV4_HEADER + UDP_HEADER + HEADER + MAX_ROUTES * 18;
+/// The advertisement carries a DNS section.
+pub const FLAG_DNS: u8 = 1;
+/// At most this many DNS servers in an offer (the gateway's tunnel
+/// addresses).
+pub const MAX_DNS_SERVERS: usize = 4;
+/// At most this many zones in an offer.
+pub const MAX_DNS_ZONES: usize = 32;
+/// The zones' encoding (a length byte and the name each) takes at most
+/// this many bytes.
+pub const MAX_ZONE_BYTES: usize = 512;
+
+/// The largest packet `build_*` writes. With WireGuard's 32 bytes and an
+/// IPv6 underlay's 48 it still fits GCP's 1460-byte VPC MTU, so it is never
+/// fragmented; [`encoded_len`] says whether an advertisement fits.
+pub const MAX_PACKET: usize = 1380;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RouteSet {
     pub generation: u64,
     count: usize,
     entries: [Option<IpNet>; MAX_ROUTES],
+    pub dns: Option<DnsOffer>,
 }
 
 impl RouteSet {
     pub fn routes(&self) -> impl Iterator<Item = IpNet> + '_ {
         self.entries[..self.count].iter().flatten().copied()
     }
+}
+
+/// A gateway's DNS forwarder: where it answers, and for which zones (none:
+/// every name). Fixed-size, so that parsing one allocates nothing.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct DnsOffer {
+    servers: [Option<IpAddr>; MAX_DNS_SERVERS],
+    /// The zones as they travel: a length byte and the name, each.
+    zones: [u8; MAX_ZONE_BYTES],
+    zones_len: usize,
+}
+
+impl std::fmt::Debug for DnsOffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DnsOffer")
+            .field("servers", &self.servers().collect::<Vec<_>>())
+            .field("zones", &self.zones().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl DnsOffer {
+    /// An offer of `servers` for `zones` (lower-case names without the
+    /// trailing dot; none: every name). The error says which limit or name
+    /// is refused.
+    pub fn new(servers: &[IpAddr], zones: &[&str]) -> Result<DnsOffer, String> {
+        if servers.is_empty() || servers.len() > MAX_DNS_SERVERS {
+            return Err(format!(
+                "a DNS offer names 1 to {MAX_DNS_SERVERS} servers, not {}",
+                servers.len()
+            ));
+        }
+        if zones.len() > MAX_DNS_ZONES {
+            return Err(format!(
+                "at most {MAX_DNS_ZONES} DNS zones, not {}",
+                zones.len()
+            ));
+        }
+        let mut offer = DnsOffer {
+            servers: [None; MAX_DNS_SERVERS],
+            zones: [0; MAX_ZONE_BYTES],
+            zones_len: 0,
+        };
+        for (slot, server) in offer.servers.iter_mut().zip(servers) {
+            *slot = Some(*server);
+        }
+        for zone in zones {
+            if !is_zone(zone.as_bytes()) {
+                return Err(format!("{zone:?} is not a DNS zone the route exchange can carry: lower-case letters, digits, '-' and '_' in dot-separated labels of at most 63, at most 253 in all"));
+            }
+            let end = offer.zones_len + 1 + zone.len();
+            if end > MAX_ZONE_BYTES {
+                return Err(format!(
+                    "the DNS zones take more than the {MAX_ZONE_BYTES} bytes the route exchange carries (one more than each name's length)"
+                ));
+            }
+            offer.zones[offer.zones_len] = zone.len() as u8;
+            offer.zones[offer.zones_len + 1..end].copy_from_slice(zone.as_bytes());
+            offer.zones_len = end;
+        }
+        Ok(offer)
+    }
+
+    pub fn servers(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.servers.iter().flatten().copied()
+    }
+
+    /// The zones, as names without the trailing dot; none means every name.
+    pub fn zones(&self) -> impl Iterator<Item = &str> + '_ {
+        let mut rest = &self.zones[..self.zones_len];
+        std::iter::from_fn(move || {
+            let (&len, tail) = rest.split_first()?;
+            let (name, tail) = tail.split_at_checked(usize::from(len))?;
+            rest = tail;
+            // Built only from names `is_zone` accepted: ASCII.
+            std::str::from_utf8(name).ok()
+        })
+    }
+
+    fn encoded_len(&self) -> usize {
+        let servers: usize = self
+            .servers()
+            .map(|s| if s.is_ipv4() { 5 } else { 17 })
+            .sum();
+        1 + servers + 1 + self.zones_len
+    }
+}
+
+/// A zone name as the exchange carries it: lower-case LDH (and '_') labels
+/// of 1 to 63 bytes, at most 253 bytes in all, no trailing dot.
+fn is_zone(name: &[u8]) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split(|&b| b == b'.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .iter()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_".contains(b))
+        })
+}
+
+/// The length of the advertisement of `routes` and `dns`; the gateway
+/// refuses a configuration whose advertisement would exceed
+/// [`MAX_PACKET`].
+pub fn encoded_len(routes: &[IpNet], dns: Option<&DnsOffer>) -> usize {
+    let entries: usize = routes
+        .iter()
+        .map(|r| if r.addr().is_ipv4() { 6 } else { 18 })
+        .sum();
+    IPV4_HEADER + UDP_HEADER + HEADER + entries + dns.map_or(0, DnsOffer::encoded_len)
 }
 
 // A message lives on the stack for the moment it is handled; boxing the
@@ -112,6 +249,7 @@ fn parse(payload: &[u8]) -> Result<Message, ()> {
                 generation,
                 count,
                 entries: [None; MAX_ROUTES],
+                dns: None,
             };
             let mut rest = &payload[HEADER..];
             for slot in set.entries.iter_mut().take(count) {
@@ -140,26 +278,77 @@ fn parse(payload: &[u8]) -> Result<Message, ()> {
                 *slot = Some(net);
                 rest = tail;
             }
+            if header[6] & FLAG_DNS != 0 {
+                set.dns = Some(parse_dns(rest)?);
+            }
             Ok(Message::Routes(set))
         }
         _ => Err(()),
     }
 }
 
-/// Writes a request from `src` to `dst` into `out`; returns its length.
-pub fn build_request(src: Ipv4Addr, dst: Ipv4Addr, out: &mut [u8]) -> Option<usize> {
-    build(src, dst, TYPE_REQUEST, 0, &[], out)
+fn parse_dns(section: &[u8]) -> Result<DnsOffer, ()> {
+    let (&count, mut rest) = section.split_first().ok_or(())?;
+    let count = usize::from(count);
+    if count == 0 || count > MAX_DNS_SERVERS {
+        return Err(());
+    }
+    let mut offer = DnsOffer {
+        servers: [None; MAX_DNS_SERVERS],
+        zones: [0; MAX_ZONE_BYTES],
+        zones_len: 0,
+    };
+    for slot in offer.servers.iter_mut().take(count) {
+        let (&family, tail) = rest.split_first().ok_or(())?;
+        let (addr, tail) = match family {
+            4 => {
+                let (bytes, tail) = tail.split_first_chunk::<4>().ok_or(())?;
+                (IpAddr::from(*bytes), tail)
+            }
+            6 => {
+                let (bytes, tail) = tail.split_first_chunk::<16>().ok_or(())?;
+                (IpAddr::from(*bytes), tail)
+            }
+            _ => return Err(()),
+        };
+        *slot = Some(addr);
+        rest = tail;
+    }
+    let (&zones, mut rest) = rest.split_first().ok_or(())?;
+    if usize::from(zones) > MAX_DNS_ZONES {
+        return Err(());
+    }
+    for _ in 0..zones {
+        let (&len, tail) = rest.split_first().ok_or(())?;
+        let (name, tail) = tail.split_at_checked(usize::from(len)).ok_or(())?;
+        let end = offer.zones_len + 1 + name.len();
+        if !is_zone(name) || end > MAX_ZONE_BYTES {
+            return Err(());
+        }
+        offer.zones[offer.zones_len] = len;
+        offer.zones[offer.zones_len + 1..end].copy_from_slice(name);
+        offer.zones_len = end;
+        rest = tail;
+    }
+    Ok(offer)
 }
 
-/// Writes an advertisement of `routes` (at most [`MAX_ROUTES`]) into `out`.
+/// Writes a request from `src` to `dst` into `out`; returns its length.
+pub fn build_request(src: Ipv4Addr, dst: Ipv4Addr, out: &mut [u8]) -> Option<usize> {
+    build(src, dst, TYPE_REQUEST, 0, &[], None, out)
+}
+
+/// Writes an advertisement of `routes` (at most [`MAX_ROUTES`]) and `dns`
+/// into `out`. `None` when it does not fit `out` or [`MAX_PACKET`].
 pub fn build_routes(
     src: Ipv4Addr,
     dst: Ipv4Addr,
     generation: u64,
     routes: &[IpNet],
+    dns: Option<&DnsOffer>,
     out: &mut [u8],
 ) -> Option<usize> {
-    build(src, dst, TYPE_ROUTES, generation, routes, out)
+    build(src, dst, TYPE_ROUTES, generation, routes, dns, out)
 }
 
 fn build(
@@ -168,17 +357,14 @@ fn build(
     kind: u8,
     generation: u64,
     routes: &[IpNet],
+    dns: Option<&DnsOffer>,
     out: &mut [u8],
 ) -> Option<usize> {
-    if routes.len() > MAX_ROUTES {
+    let total = encoded_len(routes, dns);
+    if routes.len() > MAX_ROUTES || total > MAX_PACKET {
         return None;
     }
-    let entries: usize = routes
-        .iter()
-        .map(|r| if r.addr().is_ipv4() { 6 } else { 18 })
-        .sum();
-    let payload_len = HEADER + entries;
-    let total = IPV4_HEADER + UDP_HEADER + payload_len;
+    let payload_len = total - IPV4_HEADER - UDP_HEADER;
     let out = out.get_mut(..total)?;
     out.fill(0);
     out[0] = 0x45;
@@ -199,6 +385,7 @@ fn build(
     payload[..4].copy_from_slice(MAGIC);
     payload[4] = VERSION;
     payload[5] = kind;
+    payload[6] = if dns.is_some() { FLAG_DNS } else { 0 };
     payload[7] = routes.len() as u8;
     payload[8..16].copy_from_slice(&generation.to_be_bytes());
     let mut at = HEADER;
@@ -216,6 +403,28 @@ fn build(
                 at += 18;
             }
         }
+    }
+    if let Some(dns) = dns {
+        let servers = dns.servers().count();
+        payload[at] = servers as u8;
+        at += 1;
+        for server in dns.servers() {
+            match server {
+                IpAddr::V4(a) => {
+                    payload[at] = 4;
+                    payload[at + 1..at + 5].copy_from_slice(&a.octets());
+                    at += 5;
+                }
+                IpAddr::V6(a) => {
+                    payload[at] = 6;
+                    payload[at + 1..at + 17].copy_from_slice(&a.octets());
+                    at += 17;
+                }
+            }
+        }
+        payload[at] = dns.zones().count() as u8;
+        at += 1;
+        payload[at..at + dns.zones_len].copy_from_slice(&dns.zones[..dns.zones_len]);
     }
     Some(total)
 }
@@ -263,13 +472,101 @@ mod tests {
             "0.0.0.0/0",
         ]);
         let mut buf = [0u8; MAX_PACKET];
-        let n = build_routes(GW, LAPTOP, 42, &routes, &mut buf).expect("fits");
+        let n = build_routes(GW, LAPTOP, 42, &routes, None, &mut buf).expect("fits");
         let Some((src, Ok(Message::Routes(set)))) = intercept(&buf[..n], LAPTOP) else {
             panic!("not intercepted");
         };
         assert_eq!(src, GW);
         assert_eq!(set.generation, 42);
         assert_eq!(set.routes().collect::<Vec<_>>(), routes);
+        assert_eq!(set.dns, None);
+    }
+
+    #[test]
+    fn dns_offer_round_trip() {
+        let routes = nets(&["198.18.64.0/20", "fd00:64:1::/48"]);
+        let servers: Vec<IpAddr> = vec![GW.into(), "fd00:64::1".parse().expect("ip")];
+        for zones in [
+            &[][..],
+            &["mongodb.net", "internal.example", "_x.y-z.example"][..],
+        ] {
+            let offer = DnsOffer::new(&servers, zones).expect("valid");
+            let mut buf = [0u8; MAX_PACKET];
+            let n = build_routes(GW, LAPTOP, 7, &routes, Some(&offer), &mut buf).expect("fits");
+            assert_eq!(n, encoded_len(&routes, Some(&offer)));
+            let Some((_, Ok(Message::Routes(set)))) = intercept(&buf[..n], LAPTOP) else {
+                panic!("not intercepted");
+            };
+            assert_eq!(set.routes().collect::<Vec<_>>(), routes);
+            let got = set.dns.expect("a DNS section");
+            assert_eq!(got.servers().collect::<Vec<_>>(), servers);
+            assert_eq!(got.zones().collect::<Vec<_>>(), zones);
+
+            // A receiver from before the DNS section reads the same routes:
+            // it parses the entries and stops there, as this one does when
+            // the flag is clear.
+            let mut old = buf;
+            old[28 + 6] = 0;
+            let Some((_, Ok(Message::Routes(set)))) = intercept(&old[..n], LAPTOP) else {
+                panic!("not intercepted without the flag");
+            };
+            assert_eq!(set.routes().collect::<Vec<_>>(), routes);
+            assert_eq!(set.dns, None);
+
+            // Every truncation of the section is refused, never misread.
+            for cut in (n - offer.encoded_len())..n {
+                let mut short = buf;
+                let total = cut as u16;
+                short[2..4].copy_from_slice(&total.to_be_bytes());
+                short[10..12].fill(0);
+                let checksum = ipv4_checksum(&short[..20]);
+                short[10..12].copy_from_slice(&checksum.to_be_bytes());
+                let udp = (cut - 20) as u16;
+                short[24..26].copy_from_slice(&udp.to_be_bytes());
+                assert!(
+                    matches!(intercept(&short[..cut], LAPTOP), Some((_, Err(())))),
+                    "cut at {cut} of {n}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn dns_offers_are_validated() {
+        let gw: IpAddr = GW.into();
+        assert!(DnsOffer::new(&[], &[]).is_err(), "no server");
+        assert!(DnsOffer::new(&[gw; 5], &[]).is_err(), "too many servers");
+        for bad in [
+            "",
+            "Upper.example",
+            "a..b",
+            "trailing.",
+            ".lead",
+            "sp ace",
+            &"a".repeat(64),
+        ] {
+            assert!(DnsOffer::new(&[gw], &[bad]).is_err(), "{bad:?}");
+        }
+        let zones: Vec<String> = (0..33).map(|i| format!("z{i}.example")).collect();
+        let refs: Vec<&str> = zones.iter().map(String::as_str).collect();
+        assert!(DnsOffer::new(&[gw], &refs).is_err(), "33 zones");
+        assert!(DnsOffer::new(&[gw], &refs[..32]).is_ok(), "32 zones");
+        let long: Vec<String> = (0..3).map(|i| format!("{i}{}", ".a".repeat(100))).collect();
+        let refs: Vec<&str> = long.iter().map(String::as_str).collect();
+        assert!(DnsOffer::new(&[gw], &refs).is_err(), "more than 512 bytes");
+
+        // 64 IPv6 routes and the largest offer do not fit one packet:
+        // building refuses rather than writing a fragment.
+        let routes: Vec<IpNet> = (0..MAX_ROUTES)
+            .map(|i| format!("fd00:{i:x}::/32").parse().expect("net"))
+            .collect();
+        let zones: Vec<String> = (0..20).map(|i| format!("zone{i:02}.example.com")).collect();
+        let refs: Vec<&str> = zones.iter().map(String::as_str).collect();
+        let offer = DnsOffer::new(&[gw], &refs).expect("valid");
+        assert!(encoded_len(&routes, Some(&offer)) > MAX_PACKET);
+        let mut buf = [0u8; 2048];
+        assert!(build_routes(GW, LAPTOP, 1, &routes, Some(&offer), &mut buf).is_none());
+        assert!(build_routes(GW, LAPTOP, 1, &routes, None, &mut buf).is_some());
     }
 
     #[test]
@@ -280,10 +577,11 @@ mod tests {
                 IpNet::V4(ipnet::Ipv4Net::new(Ipv4Addr::new(198, 18, i as u8, 0), 24).expect("net"))
             })
             .collect();
-        assert!(build_routes(GW, LAPTOP, 1, &too_many, &mut buf).is_none());
-        assert!(build_routes(GW, LAPTOP, 1, &too_many[..MAX_ROUTES], &mut buf).is_some());
+        assert!(build_routes(GW, LAPTOP, 1, &too_many, None, &mut buf).is_none());
+        assert!(build_routes(GW, LAPTOP, 1, &too_many[..MAX_ROUTES], None, &mut buf).is_some());
 
-        let n = build_routes(GW, LAPTOP, 1, &nets(&["198.18.64.0/20"]), &mut buf).expect("fits");
+        let n =
+            build_routes(GW, LAPTOP, 1, &nets(&["198.18.64.0/20"]), None, &mut buf).expect("fits");
         let payload = 28;
         for (offset, value) in [
             (payload + 4, 9u8), // version

@@ -508,9 +508,10 @@ fn gateway_and_client() -> (Host, Host) {
     gw.node.apply(Change::SetLocalAddress(Some(
         "100.64.0.1".parse().expect("ip"),
     )));
-    gw.node.apply(Change::SetAdvertised(vec!["198.18.64.0/20"
-        .parse()
-        .expect("cidr")]));
+    gw.node.apply(Change::SetAdvertised(
+        vec!["198.18.64.0/20".parse().expect("cidr")],
+        None,
+    ));
     client.add_peer(A, gw_pub, Some(gw.addr), &["0.0.0.0/0"]);
     client.node.apply(Change::SetLocalAddress(Some(
         "100.64.0.2".parse().expect("ip"),
@@ -570,9 +571,24 @@ fn syn_mss_is_clamped_both_ways_when_enabled() {
 }
 
 fn learned(host: &mut Host) -> Vec<Vec<String>> {
+    learned_with_dns(host).into_iter().map(|(r, _)| r).collect()
+}
+
+/// Each report: the routes, and the DNS offer's servers and zones.
+type Learned = (Vec<String>, Option<(Vec<String>, Vec<String>)>);
+
+fn learned_with_dns(host: &mut Host) -> Vec<Learned> {
     host.node
         .drain_events()
-        .map(|Event::RoutesLearned { routes, .. }| routes.iter().map(ToString::to_string).collect())
+        .map(|Event::RoutesLearned { routes, dns, .. }| {
+            let dns = dns.map(|d| {
+                (
+                    d.servers().map(|s| s.to_string()).collect(),
+                    d.zones().map(str::to_string).collect(),
+                )
+            });
+            (routes.iter().map(ToString::to_string).collect(), dns)
+        })
         .collect()
 }
 
@@ -601,10 +617,13 @@ fn a_trusting_client_learns_and_relearns_advertised_routes() {
     settle(&mut [&mut gw, &mut client]);
     assert!(learned(&mut client).is_empty());
 
-    gw.node.apply(Change::SetAdvertised(vec![
-        "198.18.64.0/20".parse().expect("cidr"),
-        "198.19.101.0/24".parse().expect("cidr"),
-    ]));
+    gw.node.apply(Change::SetAdvertised(
+        vec![
+            "198.18.64.0/20".parse().expect("cidr"),
+            "198.19.101.0/24".parse().expect("cidr"),
+        ],
+        None,
+    ));
     tick(&mut client, t0 + routes_msg::POLL_INTERVAL * 2);
     settle(&mut [&mut gw, &mut client]);
     assert_eq!(
@@ -613,6 +632,29 @@ fn a_trusting_client_learns_and_relearns_advertised_routes() {
             "198.18.64.0/20".to_string(),
             "198.19.101.0/24".to_string()
         ]]
+    );
+
+    // A DNS offer is news even when the routes are not.
+    let offer = routes_msg::DnsOffer::new(&["100.64.0.1".parse().expect("ip")], &["mongodb.net"])
+        .expect("valid");
+    gw.node.apply(Change::SetAdvertised(
+        vec![
+            "198.18.64.0/20".parse().expect("cidr"),
+            "198.19.101.0/24".parse().expect("cidr"),
+        ],
+        Some(Box::new(offer)),
+    ));
+    tick(&mut client, t0 + routes_msg::POLL_INTERVAL * 3);
+    settle(&mut [&mut gw, &mut client]);
+    assert_eq!(
+        learned_with_dns(&mut client),
+        vec![(
+            vec!["198.18.64.0/20".to_string(), "198.19.101.0/24".to_string()],
+            Some((
+                vec!["100.64.0.1".to_string()],
+                vec!["mongodb.net".to_string()]
+            ))
+        )]
     );
     assert!(
         gw.wire.tun.is_empty() && client.wire.tun.is_empty(),
@@ -630,6 +672,7 @@ fn routes_from_an_untrusted_peer_are_ignored() {
         "100.64.0.2".parse().expect("ip"),
         9,
         &["0.0.0.0/0".parse().expect("cidr")],
+        None,
         &mut msg,
     )
     .expect("fits");

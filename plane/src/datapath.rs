@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 
 use ipnet::IpNet;
+use vpcgate_node::routes_msg::DnsOffer;
 use vpcgate_node::{PeerHandle, RouteTable};
 
 use crate::key::Key;
@@ -42,6 +43,7 @@ pub struct DatapathState {
     pub mss: (u16, u16),
     pub local_v4: Option<Ipv4Addr>,
     pub advertised: Vec<IpNet>,
+    pub advertised_dns: Option<DnsOffer>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,7 +56,7 @@ pub enum Step {
     SetKeepalive(PeerHandle, u16),
     SetRouteSource(PeerHandle, Option<Ipv4Addr>),
     SetLocalAddress(Option<Ipv4Addr>),
-    SetAdvertised(Vec<IpNet>),
+    SetAdvertised(Vec<IpNet>, Option<Box<DnsOffer>>),
     SetMssClamp(u16, u16),
     SetMtu(u32),
     SetFwmark(u32),
@@ -119,8 +121,12 @@ pub fn diff(old: Option<&DatapathState>, new: &DatapathState) -> DatapathPlan {
     if old.map(|o| o.local_v4) != Some(new.local_v4) {
         before.push(Step::SetLocalAddress(new.local_v4));
     }
-    if old.map(|o| &o.advertised) != Some(&new.advertised) {
-        before.push(Step::SetAdvertised(new.advertised.clone()));
+    if old.map(|o| (&o.advertised, o.advertised_dns)) != Some((&new.advertised, new.advertised_dns))
+    {
+        before.push(Step::SetAdvertised(
+            new.advertised.clone(),
+            new.advertised_dns.map(Box::new),
+        ));
     }
     if old.map(|o| o.mtu) != Some(new.mtu) && !fresh {
         before.push(Step::SetMtu(new.mtu));

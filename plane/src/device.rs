@@ -93,6 +93,18 @@ pub struct PeerConfig {
     /// Routes learned from this peer (accept-routes); part of its allowed
     /// IPs for cryptokey routing, kept apart from the configured ones.
     pub learned: Vec<IpNet>,
+    /// The DNS forwarder this peer offers (accept-routes), as accepted.
+    /// Not saved: the peer offers it again within a poll of a restart.
+    pub learned_dns: Option<LearnedDns>,
+}
+
+/// A gateway's DNS forwarder as a client uses it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LearnedDns {
+    /// Its addresses; only ones this peer owns for cryptokey routing.
+    pub servers: Vec<std::net::IpAddr>,
+    /// The zones it resolves; none: every name.
+    pub zones: Vec<String>,
 }
 
 impl PeerConfig {
@@ -109,6 +121,7 @@ impl PeerConfig {
             accept_routes: false,
             accept_default_route: false,
             learned: Vec::new(),
+            learned_dns: None,
         }
     }
 

@@ -17,8 +17,9 @@ use vpcgate_node::{PeerHandle, RouteTable};
 use crate::datapath::{DatapathPlan, PeerState, Step};
 use crate::errno::{EADDRINUSE, EIO};
 use crate::key::Key;
+use crate::model::LinkDns;
 use crate::ports::{
-    Datapath, Links, Nat, NatForm, NatState, Notifier, PortError, ServiceState, Store,
+    Datapath, Links, Nat, NatForm, NatState, Notifier, PortError, Resolver, ServiceState, Store,
 };
 use crate::settings::Settings;
 use crate::stored::StoredPeer;
@@ -174,6 +175,31 @@ impl Links for FakeLinks {
     }
 }
 
+/// systemd-resolved's per-link DNS, as `resolvectl status` would show it.
+#[derive(Default)]
+pub struct ResolverState {
+    /// Each link's servers and routing domains; a reverted link is absent.
+    pub links: BTreeMap<String, LinkDns>,
+    pub faults: Faults,
+    pub calls: u32,
+}
+
+#[derive(Clone, Default)]
+pub struct FakeResolver(pub Rc<RefCell<ResolverState>>);
+
+impl Resolver for FakeResolver {
+    async fn apply(&mut self, interface: &str, dns: Option<&LinkDns>) -> Result<(), PortError> {
+        let mut r = self.0.borrow_mut();
+        r.calls += 1;
+        r.faults.check("systemd-resolved")?;
+        match dns {
+            Some(dns) => r.links.insert(interface.to_string(), dns.clone()),
+            None => r.links.remove(interface),
+        };
+        Ok(())
+    }
+}
+
 /// The data path's thread, as far as the control plane can tell.
 #[derive(Default)]
 pub struct Thread {
@@ -227,7 +253,7 @@ impl Thread {
             }
             Step::SetMtu(mtu) => self.mtu = mtu,
             Step::SetLocalAddress(_)
-            | Step::SetAdvertised(_)
+            | Step::SetAdvertised(..)
             | Step::SetMssClamp(..)
             | Step::SetFwmark(_) => {}
         }

@@ -11,13 +11,14 @@
 //! [`Error`] that knows its errno and its message, and changes nothing.
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
+use vpcgate_node::routes_msg::DnsOffer;
 use vpcgate_node::PeerHandle;
 use vpcgate_proto::{PeerAdd, Response, SetOptions};
 
-use crate::device::{DeviceConfig, PeerConfig, SetRequest};
+use crate::device::{DeviceConfig, LearnedDns, PeerConfig, SetRequest};
 use crate::errno::{EINVAL, EIO};
 use crate::key::{b64, parse_key, public_key_of, Key};
 use crate::model::{Desired, LinkState};
@@ -46,6 +47,7 @@ pub enum Intent {
     RoutesOffered {
         peer: PeerHandle,
         routes: Vec<IpNet>,
+        dns: Option<Box<DnsOffer>>,
         local: Vec<IpNet>,
     },
     /// The kernel reported the TUN's addresses and MTU.
@@ -164,6 +166,7 @@ pub fn plan(current: &Desired, intent: Intent) -> Result<Planned, Error> {
                 policy::validate_advertised(&input, &next.settings.tunnel_networks(), exit_node)?;
             next.settings.advertised_routes = routes.clone();
             next.settings.exit_node = exit_node;
+            policy::validate_advertisement(&next.settings)?;
             let listed: Vec<String> = routes.iter().map(ToString::to_string).collect();
             let summary = format!("advertised routes changed: {}", listed.join(","));
             (
@@ -231,8 +234,14 @@ pub fn plan(current: &Desired, intent: Intent) -> Result<Planned, Error> {
         Intent::RoutesOffered {
             peer,
             routes,
+            dns,
             local,
-        } => (None, learn_routes(&mut next, peer, &routes, &local)),
+        } => {
+            let routes = learn_routes(&mut next, peer, &routes, &local);
+            let dns = learn_dns(&mut next, peer, dns.as_deref());
+            let summary: Vec<String> = routes.into_iter().chain(dns).collect();
+            (None, (!summary.is_empty()).then(|| summary.join("; ")))
+        }
         Intent::LinkObserved(link) => {
             let mut notes = Vec::new();
             if link.networks != next.link.networks {
@@ -342,6 +351,7 @@ fn apply_options(next: &mut Desired, options: &SetOptions) -> Result<(), Error> 
     if let Some(list) = &options.dns_zones {
         settings.dns.zones = policy::validate_dns_zones(list)?;
     }
+    policy::validate_advertisement(settings)?;
     if let Some(clash) = settings
         .dns
         .upstreams
@@ -570,6 +580,45 @@ fn learn_routes(
     ))
 }
 
+/// Takes the DNS forwarder a trusted peer offers, keeping only the servers
+/// that cryptokey routing sends to that peer: an offer cannot point a
+/// client's resolver anywhere else.
+fn learn_dns(next: &mut Desired, handle: PeerHandle, offer: Option<&DnsOffer>) -> Option<String> {
+    let peer = next.device.peer_by_handle_mut(handle)?;
+    if !peer.accept_routes {
+        return None;
+    }
+    let name = peer.label();
+    let learned = offer.and_then(|offer| {
+        let (servers, refused): (Vec<IpAddr>, Vec<IpAddr>) = offer
+            .servers()
+            .partition(|s| peer.allowed_ips.iter().any(|net| net.contains(s)));
+        for server in &refused {
+            tracing::warn!(peer = %name, "not using DNS server {server}: it is not among the peer's allowed IPs");
+        }
+        (!servers.is_empty()).then(|| LearnedDns {
+            servers,
+            zones: offer.zones().map(str::to_string).collect(),
+        })
+    });
+    if learned == peer.learned_dns {
+        return None;
+    }
+    let summary = match &learned {
+        None => format!("{name} no longer offers DNS"),
+        Some(dns) => {
+            let servers: Vec<String> = dns.servers.iter().map(ToString::to_string).collect();
+            let zones = match dns.zones.is_empty() {
+                true => "every name".to_string(),
+                false => dns.zones.join(","),
+            };
+            format!("{name} offers DNS at {} for {zones}", servers.join(","))
+        }
+    };
+    peer.learned_dns = learned;
+    Some(summary)
+}
+
 /// SIGHUP: takes the peers and settings from the files. Peers whose key is
 /// unchanged keep their handle, and so their session. The port and the
 /// addresses' owner stay: `vpcgate set` changes the port.
@@ -706,6 +755,7 @@ mod tests {
         let offer = |peer| Intent::RoutesOffered {
             peer,
             routes: vec!["198.18.64.0/20".parse().expect("cidr")],
+            dns: None,
             local: Vec::new(),
         };
         let learned = plan(&d, offer(trusted)).expect("valid").desired;

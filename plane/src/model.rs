@@ -42,6 +42,29 @@ pub struct Persisted {
     pub peers: Vec<StoredPeer>,
 }
 
+/// What the host's resolver should do with names for the TUN link, as
+/// systemd-resolved takes it: the servers to ask, and the routing domains
+/// (`~zone`, or `~.` for every name) whose names go to them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkDns {
+    pub servers: Vec<std::net::IpAddr>,
+    pub domains: Vec<String>,
+}
+
+impl LinkDns {
+    /// The commands that apply it by hand on `interface`, for a host where
+    /// the daemon could not.
+    pub fn command(&self, interface: &str) -> String {
+        let servers: Vec<String> = self.servers.iter().map(ToString::to_string).collect();
+        let domains: Vec<String> = self.domains.iter().map(|d| format!("'{d}'")).collect();
+        format!(
+            "resolvectl dns {interface} {} && resolvectl domain {interface} {}",
+            servers.join(" "),
+            domains.join(" ")
+        )
+    }
+}
+
 /// The tunnel's own addresses and MTU, as we set them on the TUN.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinkConfig {
@@ -96,6 +119,39 @@ impl Desired {
             addresses: self.settings.addresses.clone(),
             mtu: self.settings.mtu,
         }
+    }
+
+    /// The TUN link's DNS in the host's resolver: the forwarders trusted
+    /// peers offer, for their zones. `None`: nobody offers one, and ours
+    /// (if any) is removed.
+    pub fn link_dns(&self) -> Option<LinkDns> {
+        let mut dns = LinkDns {
+            servers: Vec::new(),
+            domains: Vec::new(),
+        };
+        for offer in self
+            .device
+            .peers
+            .iter()
+            .filter(|p| p.accept_routes)
+            .filter_map(|p| p.learned_dns.as_ref())
+        {
+            for server in &offer.servers {
+                if !dns.servers.contains(server) {
+                    dns.servers.push(*server);
+                }
+            }
+            let domains = match offer.zones.is_empty() {
+                true => vec!["~.".to_string()],
+                false => offer.zones.iter().map(|z| format!("~{z}")).collect(),
+            };
+            for domain in domains {
+                if !dns.domains.contains(&domain) {
+                    dns.domains.push(domain);
+                }
+            }
+        }
+        (!dns.servers.is_empty()).then_some(dns)
     }
 
     /// Routes learned from trusted peers, each routed through the TUN.
@@ -162,6 +218,7 @@ impl Desired {
             mss: self.mss(),
             local_v4: self.settings.local_v4(),
             advertised: self.settings.advertised_routes.clone(),
+            advertised_dns: self.settings.dns_offer(),
         }
     }
 }

@@ -7,7 +7,9 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use vpcgate_node::routes_msg::MAX_ROUTES;
+use vpcgate_node::routes_msg::{self, DnsOffer, MAX_ROUTES};
+
+use crate::settings::Settings;
 
 /// `text` quoted for a message: escaped as `{:?}` escapes it, and cut
 /// short, so hostile input neither floods nor garbles a terminal.
@@ -292,6 +294,26 @@ pub fn validate_dns_zones(items: &[String]) -> Result<Vec<String>, String> {
         }
     }
     Ok(zones)
+}
+
+/// Whether the route exchange can carry what `settings` advertise: the
+/// ranges and the DNS forwarder's zones share one datagram that must not be
+/// fragmented.
+pub fn validate_advertisement(settings: &Settings) -> Result<(), String> {
+    let zones: Vec<&str> = settings.dns.zones.iter().map(String::as_str).collect();
+    let servers = settings.dns_addresses();
+    let offer = match servers.is_empty() {
+        true => None,
+        false => Some(DnsOffer::new(&servers, &zones)?),
+    };
+    let len = routes_msg::encoded_len(&settings.advertised_routes, offer.as_ref());
+    if len > routes_msg::MAX_PACKET {
+        return Err(format!(
+            "the advertised routes and DNS zones would take {len} bytes in the route exchange, more than the {} one unfragmented message carries; advertise fewer or wider ranges, or name fewer DNS zones",
+            routes_msg::MAX_PACKET
+        ));
+    }
+    Ok(())
 }
 
 /// HOST:PORT or [IPv6]:PORT, as a client's `Endpoint =` line takes it.

@@ -16,6 +16,7 @@ use ipnet::IpNet;
 
 use crate::datapath::DatapathPlan;
 use crate::key::Key;
+use crate::model::LinkDns;
 use crate::settings::Settings;
 use crate::stored::StoredPeer;
 
@@ -118,6 +119,15 @@ pub trait Links {
     async fn add_route(&mut self, net: IpNet) -> Result<(), PortError>;
     /// Removes our route for `net`; one that is already gone is success.
     async fn del_route(&mut self, net: IpNet) -> Result<(), PortError>;
+}
+
+/// The host's resolver (systemd-resolved) for the TUN link: split DNS to
+/// the forwarders trusted peers offer.
+pub trait Resolver {
+    /// Makes the link's DNS servers and routing domains `dns`, whole;
+    /// `None` removes what we set. Asked only when that changes, so a link
+    /// we never set (wg-quick's `DNS =`) is left alone.
+    async fn apply(&mut self, interface: &str, dns: Option<&LinkDns>) -> Result<(), PortError>;
 }
 
 /// The data-path thread: its sockets, its peers and the routing snapshot

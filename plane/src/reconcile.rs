@@ -24,17 +24,18 @@ use vpcgate_proto::Response;
 use crate::datapath::{diff, DatapathState};
 use crate::intent::{plan, Error, Intent};
 use crate::key::Key;
-use crate::model::{Desired, LinkConfig};
-use crate::ports::{Datapath, Links, Nat, NatState, PortError, Store};
+use crate::model::{Desired, LinkConfig, LinkDns};
+use crate::ports::{Datapath, Links, Nat, NatState, PortError, Resolver, Store};
 use crate::settings::Settings;
 use crate::stored::StoredPeer;
 
 /// The ports the control plane drives.
-pub struct Ports<S, N, L, D> {
+pub struct Ports<S, N, L, D, R> {
     pub store: S,
     pub nat: N,
     pub links: L,
     pub datapath: D,
+    pub resolver: R,
 }
 
 /// Which parts refuse a change when they fail; the others are retried.
@@ -110,6 +111,9 @@ pub struct Applied {
     pub datapath: Option<DatapathState>,
     pub link: Option<LinkConfig>,
     pub routes: BTreeSet<IpNet>,
+    /// The link's DNS as the resolver holds it from us; `None` at start,
+    /// when we have set nothing.
+    pub link_dns: Option<LinkDns>,
 }
 
 impl Applied {
@@ -141,6 +145,7 @@ pub enum Part {
     Store,
     Links,
     Routes,
+    Dns,
 }
 
 /// A step that failed and will be retried.
@@ -150,15 +155,15 @@ pub struct Failure {
     pub error: PortError,
 }
 
-pub struct Reconciler<S, N, L, D> {
-    pub ports: Ports<S, N, L, D>,
+pub struct Reconciler<S, N, L, D, R> {
+    pub ports: Ports<S, N, L, D, R>,
     applied: Applied,
     /// The failures of the last pass, for status.
     failures: Vec<Failure>,
 }
 
-impl<S: Store, N: Nat, L: Links, D: Datapath> Reconciler<S, N, L, D> {
-    pub fn new(ports: Ports<S, N, L, D>, applied: Applied) -> Self {
+impl<S: Store, N: Nat, L: Links, D: Datapath, R: Resolver> Reconciler<S, N, L, D, R> {
+    pub fn new(ports: Ports<S, N, L, D, R>, applied: Applied) -> Self {
         Reconciler {
             ports,
             applied,
@@ -188,6 +193,7 @@ impl<S: Store, N: Nat, L: Links, D: Datapath> Reconciler<S, N, L, D> {
             && a.datapath.as_ref() == Some(&desired.datapath())
             && a.link.as_ref() == Some(&desired.link_config())
             && a.routes == desired.os_routes()
+            && a.link_dns == desired.link_dns()
     }
 
     /// Whether the state files hold what `desired` would save.
@@ -314,6 +320,23 @@ impl<S: Store, N: Nat, L: Links, D: Datapath> Reconciler<S, N, L, D> {
                 }),
             }
         }
+        // The resolver sends names into the tunnel only once it carries
+        // them; it cannot refuse a change, so it is never a gate.
+        let dns = desired.link_dns();
+        if self.applied.link_dns != dns {
+            match self
+                .ports
+                .resolver
+                .apply(&desired.interface, dns.as_ref())
+                .await
+            {
+                Ok(()) => self.applied.link_dns = dns,
+                Err(error) => self.failures.push(Failure {
+                    part: Part::Dns,
+                    error,
+                }),
+            }
+        }
         for failure in &self.failures {
             tracing::warn!(part = ?failure.part, "not yet in effect, will retry: {}", failure.error);
         }
@@ -407,16 +430,16 @@ impl<S: Store, N: Nat, L: Links, D: Datapath> Reconciler<S, N, L, D> {
 
 /// The control plane: the desired state and the reconciler, changed only
 /// through [`Engine::handle`].
-pub struct Engine<S, N, L, D> {
+pub struct Engine<S, N, L, D, R> {
     desired: Desired,
-    reconciler: Reconciler<S, N, L, D>,
+    reconciler: Reconciler<S, N, L, D, R>,
 }
 
-impl<S: Store, N: Nat, L: Links, D: Datapath> Engine<S, N, L, D> {
+impl<S: Store, N: Nat, L: Links, D: Datapath, R: Resolver> Engine<S, N, L, D, R> {
     /// An engine over `desired`, with `applied` saying what the ports
     /// already hold (the files just read, the port just bound). Nothing is
     /// asked of the ports until [`Engine::start`].
-    pub fn new(desired: Desired, ports: Ports<S, N, L, D>, applied: Applied) -> Self {
+    pub fn new(desired: Desired, ports: Ports<S, N, L, D, R>, applied: Applied) -> Self {
         Engine {
             desired,
             reconciler: Reconciler::new(ports, applied),
@@ -431,7 +454,7 @@ impl<S: Store, N: Nat, L: Links, D: Datapath> Engine<S, N, L, D> {
     }
 
     /// Gives the ports back, to shut them down.
-    pub fn into_ports(self) -> Ports<S, N, L, D> {
+    pub fn into_ports(self) -> Ports<S, N, L, D, R> {
         self.reconciler.ports
     }
 
@@ -439,15 +462,15 @@ impl<S: Store, N: Nat, L: Links, D: Datapath> Engine<S, N, L, D> {
         &self.desired
     }
 
-    pub fn ports(&self) -> &Ports<S, N, L, D> {
+    pub fn ports(&self) -> &Ports<S, N, L, D, R> {
         &self.reconciler.ports
     }
 
-    pub fn ports_mut(&mut self) -> &mut Ports<S, N, L, D> {
+    pub fn ports_mut(&mut self) -> &mut Ports<S, N, L, D, R> {
         &mut self.reconciler.ports
     }
 
-    pub fn reconciler(&self) -> &Reconciler<S, N, L, D> {
+    pub fn reconciler(&self) -> &Reconciler<S, N, L, D, R> {
         &self.reconciler
     }
 
@@ -504,6 +527,14 @@ impl<S: Store, N: Nat, L: Links, D: Datapath> Engine<S, N, L, D> {
                 Part::Store => format!("a state file is not up to date: {}", f.error),
                 Part::Links => format!("the interface is not up to date: {}", f.error),
                 Part::Routes => format!("a learned route is not installed: {}", f.error),
+                Part::Dns => match self.desired.link_dns() {
+                    Some(dns) => format!(
+                        "the DNS a gateway offers is not in effect ({}); to apply it by hand: {}",
+                        f.error,
+                        dns.command(&self.desired.interface)
+                    ),
+                    None => format!("the DNS a gateway offered is not removed: {}", f.error),
+                },
             })
             .collect()
     }

@@ -5,6 +5,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
+use vpcgate_node::routes_msg::DnsOffer;
 
 pub const DEFAULT_ADDRESS: &str = "100.64.0.1/24";
 pub const DEFAULT_PORT: u16 = 51820;
@@ -93,13 +94,27 @@ impl Settings {
     }
 
     /// Where the DNS forwarder answers: our tunnel addresses, while it is
-    /// on. A plain interface has none of its own (wg-quick's are not ours).
+    /// on and this node is a gateway (it advertises ranges). A laptop that
+    /// only accepts routes answers nobody; a plain interface has no
+    /// addresses of its own (wg-quick's are not ours).
     pub fn dns_addresses(&self) -> Vec<IpAddr> {
-        if self.dns.enabled {
+        if self.dns.enabled && !self.advertised_routes.is_empty() {
             self.addresses.iter().map(IpNet::addr).collect()
         } else {
             Vec::new()
         }
+    }
+
+    /// What the route exchange tells clients about the DNS forwarder:
+    /// `None` while it is off or has no address. Validation keeps the
+    /// zones within what one offer carries, so nothing is lost here.
+    pub fn dns_offer(&self) -> Option<DnsOffer> {
+        let servers = self.dns_addresses();
+        if servers.is_empty() {
+            return None;
+        }
+        let zones: Vec<&str> = self.dns.zones.iter().map(String::as_str).collect();
+        DnsOffer::new(&servers, &zones).ok()
     }
 
     /// The IPv4 tunnel address: where route messages come from and go to.

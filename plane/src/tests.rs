@@ -21,14 +21,14 @@ use vpcgate_node::RouteTable;
 use vpcgate_proto::{PeerAdd, SetOptions};
 
 use crate::device::{AllowedIpChange, PeerChange, SetRequest};
-use crate::fakes::{FakeDatapath, FakeLinks, FakeNat, FakeStore, Files};
+use crate::fakes::{FakeDatapath, FakeLinks, FakeNat, FakeResolver, FakeStore, Files};
 use crate::intent::{plan, Intent, NewPeer};
 use crate::key::{b64, Key};
 use crate::model::{Desired, LinkState, Persisted};
 use crate::reconcile::{Applied, Engine, Ports};
 use crate::settings::Settings;
 
-type TestEngine = Engine<FakeStore, FakeNat, FakeLinks, FakeDatapath>;
+type TestEngine = Engine<FakeStore, FakeNat, FakeLinks, FakeDatapath, FakeResolver>;
 
 /// The machine: its disk survives a crash, the kernel's state does not.
 struct Machine {
@@ -36,6 +36,7 @@ struct Machine {
     nat: FakeNat,
     links: FakeLinks,
     datapath: FakeDatapath,
+    resolver: FakeResolver,
 }
 
 impl Machine {
@@ -48,24 +49,27 @@ impl Machine {
             nat: FakeNat::default(),
             links: FakeLinks::default(),
             datapath,
+            resolver: FakeResolver::default(),
         }
     }
 
-    fn ports(&self) -> Ports<FakeStore, FakeNat, FakeLinks, FakeDatapath> {
+    fn ports(&self) -> Ports<FakeStore, FakeNat, FakeLinks, FakeDatapath, FakeResolver> {
         Ports {
             store: self.store.clone(),
             nat: self.nat.clone(),
             links: self.links.clone(),
             datapath: self.datapath.clone(),
+            resolver: self.resolver.clone(),
         }
     }
 
-    fn calls(&self) -> (u32, u32, u32, u32) {
+    fn calls(&self) -> (u32, u32, u32, u32, u32) {
         (
             self.store.0.borrow().writes,
             self.nat.0.borrow().calls,
             self.links.0.borrow().calls,
             self.datapath.0.borrow().calls,
+            self.resolver.0.borrow().calls,
         )
     }
 
@@ -123,6 +127,7 @@ enum PortKind {
     Nat,
     Links,
     Bind,
+    Resolver,
 }
 
 /// A peer section of a UAPI set: key byte, remove, allowed IPs (index into
@@ -152,7 +157,9 @@ enum Gen {
         accept_routes: bool,
     },
     PeerRemove(usize),
-    RoutesOffered(Vec<usize>),
+    /// Routes, and a DNS offer: whether it names the peer's own address
+    /// (else one it does not own), and whether it names zones.
+    RoutesOffered(Vec<usize>, Option<(bool, bool)>),
     LinkObserved {
         networks: Vec<usize>,
         mtu: u32,
@@ -227,7 +234,8 @@ fn gen() -> impl Strategy<Value = Gen> {
             }
         ),
         (0..NAMES.len()).prop_map(Gen::PeerRemove),
-        nets().prop_map(Gen::RoutesOffered),
+        (nets(), proptest::option::of((any::<bool>(), any::<bool>())))
+            .prop_map(|(nets, dns)| Gen::RoutesOffered(nets, dns)),
         (nets(), prop_oneof![Just(1420u32), Just(1380)])
             .prop_map(|(networks, mtu)| Gen::LinkObserved { networks, mtu }),
         (any::<bool>(), any::<bool>()).prop_map(|(mss_clamp, drop_first)| Gen::Reload {
@@ -245,7 +253,8 @@ fn op() -> impl Strategy<Value = Op> {
                 Just(PortKind::Store),
                 Just(PortKind::Nat),
                 Just(PortKind::Links),
-                Just(PortKind::Bind)
+                Just(PortKind::Bind),
+                Just(PortKind::Resolver)
             ],
             1u32..3
         )
@@ -318,16 +327,26 @@ fn bind(gen: Gen, pick: usize, desired: &Desired, files: &Files) -> Intent {
         Gen::PeerRemove(name) => Intent::PeerRemove {
             name: NAMES[name].to_string(),
         },
-        Gen::RoutesOffered(nets) => {
+        Gen::RoutesOffered(nets, dns) => {
             let peers = &desired.device.peers;
             // A stale handle when there is no peer: the intent must be
             // ignored.
-            let peer = peers
-                .get(pick % peers.len().max(1))
-                .map_or(u64::MAX, |p| p.handle);
+            let chosen = peers.get(pick % peers.len().max(1));
+            let peer = chosen.map_or(u64::MAX, |p| p.handle);
+            let dns = dns.and_then(|(own, zones)| {
+                let server = match own {
+                    true => chosen?.allowed_ips.first()?.addr(),
+                    false => "198.51.100.53".parse().expect("ip"),
+                };
+                let zones: &[&str] = if zones { &["mongodb.net"] } else { &[] };
+                vpcgate_node::routes_msg::DnsOffer::new(&[server], zones)
+                    .ok()
+                    .map(Box::new)
+            });
             Intent::RoutesOffered {
                 peer,
                 routes: nets.into_iter().map(|i| net(i).trunc()).collect(),
+                dns,
                 local: vec!["198.19.0.0/16".parse().expect("cidr")],
             }
         }
@@ -360,6 +379,10 @@ fn assert_ports_match(m: &Machine, engine: &TestEngine) {
     let link = m.links.0.borrow();
     assert_eq!(link.addresses, desired.settings.addresses);
     assert_eq!(link.routes, desired.os_routes());
+    assert_eq!(
+        m.resolver.0.borrow().links.get("vpcgate0"),
+        desired.link_dns().as_ref()
+    );
     let thread = m.datapath.0.borrow();
     let projected = desired.datapath();
     assert_eq!(thread.peers, projected.peers);
@@ -393,6 +416,7 @@ fn run(ops: Vec<Op>) {
                 PortKind::Nat => machine.nat.0.borrow_mut().faults.fail_next += n,
                 PortKind::Links => machine.links.0.borrow_mut().faults.fail_next += n,
                 PortKind::Bind => machine.datapath.0.borrow_mut().faults.fail_next += n,
+                PortKind::Resolver => machine.resolver.0.borrow_mut().faults.fail_next += n,
             },
             Op::Crash(n) => machine.store.0.borrow_mut().crash_after = Some(n),
             Op::Retry => {
@@ -487,6 +511,7 @@ fn run(ops: Vec<Op>) {
     machine.nat.0.borrow_mut().faults.fail_next = 0;
     machine.links.0.borrow_mut().faults.fail_next = 0;
     machine.datapath.0.borrow_mut().faults.fail_next = 0;
+    machine.resolver.0.borrow_mut().faults.fail_next = 0;
     // The taken port stays taken: a desired port nobody can bind is the
     // one thing that cannot converge, and no request may have asked for it.
     assert!(block_on(engine.retry()), "{:?}", engine.pending());
@@ -544,6 +569,7 @@ fn a_failed_route_install_is_retried_until_it_succeeds() {
     block_on(engine.handle(Intent::RoutesOffered {
         peer,
         routes: vec![offered],
+        dns: None,
         local: Vec::new(),
     }))
     .expect("learned");
@@ -567,4 +593,181 @@ fn a_start_that_fails_writes_no_file() {
     let failure = block_on(engine.start()).expect_err("the interface is refused");
     assert_eq!(failure.part, crate::reconcile::Part::Links);
     assert_eq!(machine.store.0.borrow().writes, 0, "a file was written");
+}
+
+/// A client with two gateways trusted for routes.
+fn client_with_gateways(machine: &Machine) -> (TestEngine, [u64; 2]) {
+    let mut engine = machine.start();
+    for (name, key, address) in [("gw-a", 7, "100.64.0.7/32"), ("gw-b", 8, "100.64.0.8/32")] {
+        let add = Intent::PeerAdd(NewPeer {
+            request: PeerAdd {
+                name: name.into(),
+                public_key: Some(b64(&[key; 32])),
+                allowed_ips: vec![address.into()],
+                accept_routes: true,
+                ..PeerAdd::default()
+            },
+            endpoint: None,
+            generated_key: None,
+        });
+        block_on(engine.handle(add)).expect("added");
+    }
+    let peers = &engine.desired().device.peers;
+    let handles = [peers[0].handle, peers[1].handle];
+    (engine, handles)
+}
+
+fn offer_dns(engine: &mut TestEngine, peer: u64, servers: &[&str], zones: &[&str]) {
+    let servers: Vec<std::net::IpAddr> = servers.iter().map(|s| s.parse().expect("ip")).collect();
+    let dns = (!servers.is_empty())
+        .then(|| vpcgate_node::routes_msg::DnsOffer::new(&servers, zones).expect("a valid offer"));
+    block_on(engine.handle(Intent::RoutesOffered {
+        peer,
+        routes: Vec::new(),
+        dns: dns.map(Box::new),
+        local: Vec::new(),
+    }))
+    .expect("background intents are not refused");
+}
+
+fn resolver_link(machine: &Machine) -> Option<(Vec<String>, Vec<String>)> {
+    machine
+        .resolver
+        .0
+        .borrow()
+        .links
+        .get("vpcgate0")
+        .map(|dns| {
+            (
+                dns.servers.iter().map(ToString::to_string).collect(),
+                dns.domains.clone(),
+            )
+        })
+}
+
+fn strings(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn offered_dns_becomes_split_dns_on_the_tun_link_and_goes_away_with_its_gateway() {
+    let machine = Machine::boot(FakeStore::default());
+    let (mut engine, [a, b]) = client_with_gateways(&machine);
+    assert_eq!(
+        machine.resolver.0.borrow().calls,
+        0,
+        "nothing offered: the link's DNS is never touched"
+    );
+
+    // Only the address the gateway owns for cryptokey routing is used.
+    offer_dns(
+        &mut engine,
+        a,
+        &["100.64.0.7", "198.51.100.53"],
+        &["mongodb.net", "internal.example"],
+    );
+    assert_eq!(
+        resolver_link(&machine),
+        Some((
+            strings(&["100.64.0.7"]),
+            strings(&["~mongodb.net", "~internal.example"])
+        ))
+    );
+    // An offer pointing only outside the gateway is no offer.
+    offer_dns(&mut engine, b, &["198.51.100.53"], &[]);
+    assert_eq!(
+        resolver_link(&machine).expect("still a").0,
+        strings(&["100.64.0.7"])
+    );
+    // A second gateway for every name joins the first.
+    offer_dns(&mut engine, b, &["100.64.0.8"], &[]);
+    assert_eq!(
+        resolver_link(&machine),
+        Some((
+            strings(&["100.64.0.7", "100.64.0.8"]),
+            strings(&["~mongodb.net", "~internal.example", "~."])
+        ))
+    );
+    let calls = machine.resolver.0.borrow().calls;
+    offer_dns(&mut engine, b, &["100.64.0.8"], &[]);
+    assert_eq!(
+        machine.resolver.0.borrow().calls,
+        calls,
+        "a repeat asks nothing"
+    );
+
+    // Withdrawn by one gateway; its peer removed for the other.
+    offer_dns(&mut engine, a, &[], &[]);
+    assert_eq!(
+        resolver_link(&machine),
+        Some((strings(&["100.64.0.8"]), strings(&["~."])))
+    );
+    block_on(engine.handle(Intent::PeerRemove {
+        name: "gw-b".into(),
+    }))
+    .expect("removed");
+    assert_eq!(
+        resolver_link(&machine),
+        None,
+        "reverted with its last gateway"
+    );
+    assert!(engine.converged());
+}
+
+#[test]
+fn a_resolver_that_fails_is_retried_and_status_names_the_command() {
+    let machine = Machine::boot(FakeStore::default());
+    let (mut engine, [a, _]) = client_with_gateways(&machine);
+    machine.resolver.0.borrow_mut().faults.fail_next = 1;
+    offer_dns(&mut engine, a, &["100.64.0.7"], &["mongodb.net"]);
+    assert_eq!(resolver_link(&machine), None);
+    assert!(!engine.converged());
+    let pending = engine.pending().join("\n");
+    assert!(
+        pending.contains(
+            "resolvectl dns vpcgate0 100.64.0.7 && resolvectl domain vpcgate0 '~mongodb.net'"
+        ),
+        "{pending}"
+    );
+    assert!(block_on(engine.retry()));
+    assert!(resolver_link(&machine).is_some());
+    assert!(engine.pending().is_empty());
+}
+
+#[test]
+fn advertised_ranges_and_dns_zones_must_fit_one_route_message() {
+    let machine = Machine::boot(FakeStore::default());
+    let mut engine = machine.start();
+    let v6: Vec<String> = (0..64).map(|i| format!("fd00:{i:x}::/32")).collect();
+    block_on(engine.handle(Intent::Advertise {
+        routes: v6.clone(),
+        exit_node: false,
+    }))
+    .expect("64 IPv6 ranges fit with the default DNS offer");
+    let zones: Vec<String> = (0..20).map(|i| format!("zone{i:02}.example.com")).collect();
+    let before = engine.desired().clone();
+    let err = block_on(engine.handle(Intent::Set(SetOptions {
+        dns_zones: Some(zones.clone()),
+        ..SetOptions::default()
+    })))
+    .expect_err("too big together");
+    assert!(err.message.contains("route exchange"), "{err}");
+    assert_eq!(engine.desired(), &before, "nothing changed");
+    // Fewer ranges make room for the zones; then more ranges are refused.
+    block_on(engine.handle(Intent::Advertise {
+        routes: v6[..8].to_vec(),
+        exit_node: false,
+    }))
+    .expect("fewer ranges");
+    block_on(engine.handle(Intent::Set(SetOptions {
+        dns_zones: Some(zones),
+        ..SetOptions::default()
+    })))
+    .expect("zones fit now");
+    assert!(block_on(engine.handle(Intent::Advertise {
+        routes: v6,
+        exit_node: false
+    }))
+    .is_err());
+    assert_eq!(engine.desired().settings.advertised_routes.len(), 8);
 }

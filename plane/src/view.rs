@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::SystemTime;
 
 use vpcgate_node::PeerHandle;
-use vpcgate_proto::{PeerStatus, Status};
+use vpcgate_proto::{LinkDnsStatus, PeerStatus, Status};
 
 use crate::device::PeerConfig;
 use crate::key::b64;
@@ -49,6 +49,9 @@ pub struct HostFacts {
     pub drops: Vec<(String, u64)>,
     /// The DNS forwarder as it runs; `None` while it is off.
     pub dns: Option<vpcgate_proto::DnsStatus>,
+    /// Whether the resolver holds the link's DNS, and why not.
+    pub link_dns_applied: bool,
+    pub link_dns_problem: Option<String>,
 }
 
 pub fn status(desired: &Desired, live: impl Fn(PeerHandle) -> PeerLive, host: HostFacts) -> Status {
@@ -94,6 +97,22 @@ pub fn status(desired: &Desired, live: impl Fn(PeerHandle) -> PeerLive, host: Ho
             .collect(),
         drops: host.drops,
         dns: host.dns.map(Box::new),
+        link_dns: desired.link_dns().map(|dns| {
+            Box::new(LinkDnsStatus {
+                servers: dns.servers.iter().map(ToString::to_string).collect(),
+                domains: dns.domains.clone(),
+                from: desired
+                    .device
+                    .peers
+                    .iter()
+                    .filter(|p| p.accept_routes && p.learned_dns.is_some())
+                    .map(PeerConfig::label)
+                    .collect(),
+                applied: host.link_dns_applied,
+                problem: host.link_dns_problem,
+                command: dns.command(&desired.interface),
+            })
+        }),
     }
 }
 

@@ -194,6 +194,26 @@ pub struct Status {
     /// The DNS forwarder; `None` while it is off.
     #[serde(default)]
     pub dns: Option<Box<DnsStatus>>,
+    /// On a client: the DNS that gateways trusted for routes offer, as the
+    /// TUN link's split DNS. `None` while none offers any.
+    #[serde(default)]
+    pub link_dns: Option<Box<LinkDnsStatus>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkDnsStatus {
+    pub servers: Vec<String>,
+    /// systemd-resolved routing domains: `~ZONE`, or `~.` for every name.
+    pub domains: Vec<String>,
+    /// The peers that offer it.
+    pub from: Vec<String>,
+    /// Whether systemd-resolved holds it.
+    pub applied: bool,
+    /// Why it is not applied, if it is not.
+    #[serde(default)]
+    pub problem: Option<String>,
+    /// The commands that apply it by hand.
+    pub command: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -564,3 +564,175 @@ while sent < n or outstanding:
         del outstanding[k]
 print("answered", answered)
 "#;
+
+/// systemd-resolved as far as the daemon can tell: a `resolvectl` on the
+/// daemon's PATH that keeps each link's servers, domains and default-route
+/// flag in files, as `resolvectl status` would show them, and fails like a
+/// host without resolved while `fail` exists.
+struct FakeResolved {
+    dir: PathBuf,
+}
+
+impl FakeResolved {
+    fn new(ns: &Netns) -> FakeResolved {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = ns.dir().join("fake-resolved");
+        std::fs::create_dir_all(&dir).or_die("fake resolved dir");
+        let script = dir.join("resolvectl");
+        std::fs::write(
+            &script,
+            r#"#!/bin/sh
+dir=$(dirname "$0")
+echo "$*" >> "$dir/calls.log"
+if [ -e "$dir/fail" ]; then
+    echo "Failed to set DNS configuration: Unit dbus-org.freedesktop.resolve1.service not found." >&2
+    exit 1
+fi
+case "$1" in
+    dns) link=$2; shift 2; echo "$*" > "$dir/$link.dns" ;;
+    domain) link=$2; shift 2; echo "$*" > "$dir/$link.domain" ;;
+    default-route) echo "$3" > "$dir/$2.default-route" ;;
+    revert) rm -f "$dir/$2.dns" "$dir/$2.domain" "$dir/$2.default-route" ;;
+    *) echo "unknown command: $*" >&2; exit 1 ;;
+esac
+"#,
+        )
+        .or_die("fake resolvectl");
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))
+            .or_die("chmod fake resolvectl");
+        FakeResolved { dir }
+    }
+
+    fn path_env(&self) -> String {
+        format!("{}:/usr/sbin:/usr/bin:/sbin:/bin", self.dir.display())
+    }
+
+    /// The link's servers, routing domains and default-route flag.
+    fn link(&self, link: &str) -> Option<(String, String, String)> {
+        let read = |what: &str| {
+            std::fs::read_to_string(self.dir.join(format!("{link}.{what}")))
+                .ok()
+                .map(|s| s.trim().to_string())
+        };
+        Some((read("dns")?, read("domain")?, read("default-route")?))
+    }
+
+    fn calls(&self) -> String {
+        std::fs::read_to_string(self.dir.join("calls.log")).unwrap_or_default()
+    }
+}
+
+/// Long enough for a few route polls (2 s each) on a machine many times
+/// slower than this one; it only bounds a daemon that never applies.
+const LEARN: Duration = Duration::from_secs(60);
+
+#[test]
+fn a_vpcgate_client_gets_split_dns_from_its_gateway_and_loses_it_with_the_gateway() {
+    let s = site();
+    let gctl = &s.g.gateway.ctl;
+    gctl.run(&["set", "--dns-zones", "internal.example,MongoDB.net."])
+        .or_die("zones");
+    let client = &s.g.net.client;
+    let resolved = FakeResolved::new(client);
+    let mut cfg = vpcgate_e2e::VpcgatedConfig::new(51821, "100.64.0.50/24");
+    cfg.env.push(("PATH".into(), resolved.path_env()));
+    let dev = vpcgate_e2e::WgDev::vpcgated(client, "sdc", &cfg).or_die("client vpcgated");
+    let cctl = vpcgate_e2e::Vpcgate::for_dev(&dev).or_die("client CLI");
+    let link = dev.name().to_string();
+    let client_key = dev.public_key().or_die("client key");
+    gctl.run(&[
+        "peer",
+        "add",
+        "laptop",
+        "--public-key",
+        &client_key,
+        "--allowed-ips",
+        "100.64.0.50/32",
+    ])
+    .or_die("gateway knows the laptop");
+    cctl.run(&[
+        "peer",
+        "add",
+        "gateway",
+        "--public-key",
+        &s.g.gateway.public_key,
+        "--endpoint",
+        &format!("{GW_PUBLIC}:51820"),
+        "--allowed-ips",
+        "100.64.0.1/32",
+        "--accept-routes",
+    ])
+    .or_die("laptop trusts the gateway");
+
+    let zones_only = (
+        GW_DNS.to_string(),
+        "~internal.example ~mongodb.net".to_string(),
+        "no".to_string(),
+    );
+    wait_until(LEARN, "the gateway's DNS on the laptop's TUN link", || {
+        Ok(resolved.link(&link).as_ref() == Some(&zones_only))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\nresolvectl calls:\n{}", resolved.calls()));
+    // The server it was given answers the private name through the tunnel.
+    let said = dig(
+        client,
+        &[
+            &format!("@{}", zones_only.0),
+            DB_NAME,
+            "+short",
+            "+time=5",
+            "+tries=3",
+        ],
+    );
+    assert!(said.contains(&DB.to_string()), "dig said: {said}");
+    let json = cctl.run(&["status", "--json"]).or_die("client status");
+    let text = cctl.run(&["status"]).or_die("client status");
+    assert!(
+        text.contains(
+            "split dns: ~internal.example, ~mongodb.net via 100.64.0.1 (offered by gateway)"
+        ) && !text.contains("not applied"),
+        "{text}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&json).or_die("status JSON");
+    assert_eq!(json["link_dns"]["applied"], true, "{json}");
+    assert_eq!(json["link_dns"]["servers"][0], GW_DNS, "{json}");
+
+    // The gateway turns DNS off: the link's DNS goes. On again, it is back.
+    gctl.run(&["set", "--dns", "off"]).or_die("dns off");
+    wait_until(LEARN, "the link's DNS to be reverted", || {
+        Ok(resolved.link(&link).is_none())
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\nresolvectl calls:\n{}", resolved.calls()));
+    assert!(resolved.calls().contains(&format!("revert {link}")));
+
+    // With resolved away, status says so and prints the command instead.
+    std::fs::write(resolved.dir.join("fail"), "").or_die("fail marker");
+    gctl.run(&["set", "--dns", "on", "--dns-zones", "none"])
+        .or_die("dns on for every name");
+    let mut text = String::new();
+    wait_until(LEARN, "status to print the command", || {
+        text = cctl.run(&["status"]).or_die("status");
+        Ok(text.contains("split dns is not applied"))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{text}"));
+    assert!(
+        text.contains(&format!(
+            "to apply it by hand: resolvectl dns {link} {GW_DNS} && resolvectl domain {link} '~.'"
+        )) && text.contains("dbus-org.freedesktop.resolve1.service not found"),
+        "{text}"
+    );
+    // Retried until resolved answers.
+    std::fs::remove_file(resolved.dir.join("fail")).or_die("resolved back");
+    let every_name = (GW_DNS.to_string(), "~.".to_string(), "yes".to_string());
+    wait_until(LEARN, "the retry to apply it", || {
+        Ok(resolved.link(&link).as_ref() == Some(&every_name))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\nresolvectl calls:\n{}", resolved.calls()));
+
+    // The gateway's peer goes away: so does its DNS.
+    cctl.run(&["peer", "remove", "gateway"]).or_die("remove");
+    wait_until(LEARN, "the link's DNS to go with its gateway", || {
+        Ok(resolved.link(&link).is_none())
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\nresolvectl calls:\n{}", resolved.calls()));
+}
