@@ -3,6 +3,7 @@
 //! messages and warnings go to stderr, so output can be piped into a file.
 
 mod doctor;
+mod public_endpoint;
 mod qr;
 
 use std::io::Read;
@@ -59,12 +60,8 @@ enum Cmd {
     /// Find what stops this VM from working as a subnet router, and how to
     /// fix each thing; exits non-zero when a check fails.
     Doctor {
-        /// Base URL of the cloud metadata service (tests use a fake).
-        #[arg(long, env = doctor::METADATA_ENDPOINT_ENV, default_value = doctor::DEFAULT_METADATA_ENDPOINT)]
-        metadata_endpoint: String,
-        /// Where DMI identifies the machine (and so its cloud).
-        #[arg(long, env = doctor::DMI_DIR_ENV, default_value = doctor::DEFAULT_DMI_DIR)]
-        dmi_dir: PathBuf,
+        #[command(flatten)]
+        cloud: doctor::CloudArgs,
     },
     /// Print the completion script for SHELL (the package installs bash's,
     /// zsh's and fish's).
@@ -129,6 +126,11 @@ struct SetArgs {
 enum PeerCmd {
     /// Add a peer. Without --public-key, generate the client's keys and print
     /// its wg-quick config on stdout.
+    ///
+    /// A generated config needs the gateway's public endpoint. If none is set,
+    /// on an AWS, GCP or Azure VM this VM's public IPv4 address is read from
+    /// the metadata service and saved as the public endpoint, with the listen
+    /// port; elsewhere set it first with `vpcgate set --public-endpoint`.
     Add {
         name: String,
         /// The peer's own public key (base64); it keeps its private key.
@@ -152,6 +154,8 @@ enum PeerCmd {
         /// Print the client config as a QR code, for the mobile apps.
         #[arg(long)]
         qr: bool,
+        #[command(flatten)]
+        cloud: doctor::CloudArgs,
     },
     /// Remove a peer.
     Remove { name: String },
@@ -293,7 +297,25 @@ fn print_status(status: &Status) {
                 println!("  dns problem: {problem}");
             }
         }
+        None if status.advertised_routes.is_empty() => {
+            println!("  dns: not served (a gateway serves it while it advertises ranges)")
+        }
         None => println!("  dns: off"),
+    }
+    if let Some(link) = &status.link_dns {
+        println!(
+            "  split dns: {} via {} (offered by {})",
+            list(&link.domains),
+            list(&link.servers),
+            list(&link.from)
+        );
+        if !link.applied {
+            match &link.problem {
+                Some(problem) => println!("  split dns is not applied: {problem}"),
+                None => println!("  split dns is not applied yet"),
+            }
+            println!("  to apply it by hand: {}", link.command);
+        }
     }
     for peer in &status.peers {
         println!();
@@ -389,14 +411,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{public}");
             }
         }
-        Cmd::Doctor {
-            metadata_endpoint,
-            dmi_dir,
-        } => doctor::run(doctor::Options {
+        Cmd::Doctor { cloud } => doctor::run(doctor::Options {
             socket: socket.clone(),
             json,
-            metadata_endpoint,
-            dmi_dir,
+            metadata_endpoint: cloud.metadata_endpoint,
+            dmi_dir: cloud.dmi_dir,
         })?,
         Cmd::Completions { shell } => {
             use std::io::Write;
@@ -471,6 +490,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             accept_routes,
             accept_default_route,
             qr,
+            cloud,
         }) => {
             if qr && json {
                 bail!("--qr and --json cannot be combined");
@@ -484,6 +504,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 accept_routes,
                 accept_default_route,
             };
+            public_endpoint::ensure(socket, &cloud, &add)?;
             match request(socket, &Request::PeerAdd(add))? {
                 response @ Response::PeerAdded { .. } if json => print_json(&response)?,
                 Response::PeerAdded {

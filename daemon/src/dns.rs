@@ -177,6 +177,14 @@ impl Dns {
         });
     }
 
+    /// The forwarder's counters, for metrics; `None` while it is off.
+    pub fn stats(&self) -> Option<Stats> {
+        if self.config.borrow().listen.is_empty() {
+            return None;
+        }
+        Some(self.report.lock().ok()?.stats.clone())
+    }
+
     pub fn status(&self) -> Option<DnsStatus> {
         let config = self.config.borrow().clone();
         if config.listen.is_empty() {

@@ -3,9 +3,9 @@
 //! answer back, so the servers never touch the state themselves and every
 //! change is applied in the order it arrived.
 
+use crate::metrics::Scrape;
 use tokio::sync::{mpsc, oneshot};
 use vpcgate_plane::device::SetRequest;
-use vpcgate_plane::view::Sample;
 use vpcgate_proto::{Request, Response};
 use zeroize::Zeroizing;
 
@@ -17,7 +17,7 @@ pub enum Call {
     /// A UAPI `set`; the answer is 0 or a positive errno.
     UapiSet(SetRequest, oneshot::Sender<i32>),
     Control(Request, oneshot::Sender<Response>),
-    Metrics(oneshot::Sender<Sample>),
+    Metrics(oneshot::Sender<Scrape>),
 }
 
 /// Calls queued before the owner takes them. Each client waits for its own
@@ -67,7 +67,7 @@ impl Handle {
             })
     }
 
-    pub async fn metrics_sample(&self) -> Option<Sample> {
+    pub async fn metrics_sample(&self) -> Option<Scrape> {
         self.call(Call::Metrics).await
     }
 }

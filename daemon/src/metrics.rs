@@ -17,10 +17,19 @@ use crate::handle::Handle;
 const MAX_REQUEST: usize = 8 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
+use vpcgate_dns::{Latency, Result as Outcome, Stats};
 pub use vpcgate_plane::view::{PeerSample, Sample};
 
+/// What one scrape reads from the owner: the control plane's sample and
+/// the DNS forwarder's counters (`None` while it is off).
+pub struct Scrape {
+    pub sample: Sample,
+    pub dns: Option<Stats>,
+}
+
 /// Renders the text exposition format.
-pub fn render(sample: &Sample, now: SystemTime) -> String {
+pub fn render(scrape: &Scrape, now: SystemTime) -> String {
+    let sample = &scrape.sample;
     let mut out = String::with_capacity(1024 + sample.peers.len() * 400);
     let label = |p: &PeerSample| {
         // Names are restricted to [A-Za-z0-9._-] and keys are base64, so
@@ -114,7 +123,133 @@ pub fn render(sample: &Sample, now: SystemTime) -> String {
     );
     let _ = writeln!(out, "# TYPE vpcgate_accepted_routes gauge");
     let _ = writeln!(out, "vpcgate_accepted_routes {}", sample.accepted_routes);
+    if let Some(dns) = &scrape.dns {
+        render_dns(&mut out, dns);
+    }
     out
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP vpcgate_dns_{name} {help}");
+    let _ = writeln!(out, "# TYPE vpcgate_dns_{name} {kind}");
+}
+
+/// The forwarder's families; absent while it is off, so that a dashboard
+/// can tell "off" from "idle".
+fn render_dns(out: &mut String, dns: &Stats) {
+    family(
+        out,
+        "queries_total",
+        "counter",
+        "Queries from tunnel peers, by transport.",
+    );
+    let _ = writeln!(
+        out,
+        "vpcgate_dns_queries_total{{transport=\"udp\"}} {}",
+        dns.queries_udp
+    );
+    let _ = writeln!(
+        out,
+        "vpcgate_dns_queries_total{{transport=\"tcp\"}} {}",
+        dns.queries_tcp
+    );
+    family(
+        out,
+        "results_total",
+        "counter",
+        "How queries ended: answered from the cache or an upstream, SERVFAIL, refused, or dropped (malformed, rate_limited, overloaded, stalled, outside the tunnel).",
+    );
+    for result in Outcome::ALL {
+        let _ = writeln!(
+            out,
+            "vpcgate_dns_results_total{{result=\"{}\"}} {}",
+            result.name(),
+            dns.result(result)
+        );
+    }
+    for (name, kind, help, value) in [
+        (
+            "truncated_total",
+            "counter",
+            "UDP answers cut short with TC set, for the client to ask again over TCP.",
+            dns.truncated,
+        ),
+        (
+            "upstream_queries_total",
+            "counter",
+            "Queries sent to upstream resolvers.",
+            dns.upstream_sent,
+        ),
+        (
+            "upstream_timeouts_total",
+            "counter",
+            "Upstream queries that got no answer in time.",
+            dns.upstream_timeouts,
+        ),
+        (
+            "upstream_failures_total",
+            "counter",
+            "Upstream queries refused (ICMP, TCP reset) or answered SERVFAIL, REFUSED or NOTIMP.",
+            dns.upstream_failures,
+        ),
+        (
+            "upstream_mismatched_total",
+            "counter",
+            "Datagrams on an upstream socket that did not match the query (ID, question): dropped.",
+            dns.upstream_mismatched,
+        ),
+        (
+            "upstream_tcp_retries_total",
+            "counter",
+            "Truncated upstream answers asked again over TCP.",
+            dns.upstream_tcp_retries,
+        ),
+        (
+            "cache_entries",
+            "gauge",
+            "Answers in the cache.",
+            dns.cache_entries,
+        ),
+        (
+            "cache_bytes",
+            "gauge",
+            "Bytes the cached answers take.",
+            dns.cache_bytes,
+        ),
+        (
+            "in_flight",
+            "gauge",
+            "Upstream queries awaiting an answer.",
+            dns.in_flight,
+        ),
+    ] {
+        family(out, name, kind, help);
+        let _ = writeln!(out, "vpcgate_dns_{name} {value}");
+    }
+    family(
+        out,
+        "upstream_latency_seconds",
+        "histogram",
+        "Time from an upstream query to its answer.",
+    );
+    let name = "vpcgate_dns_upstream_latency_seconds";
+    let latency: &Latency = &dns.latency;
+    let mut cumulative = 0;
+    for (bound, count) in Latency::BOUNDS_MS.iter().zip(latency.buckets) {
+        cumulative += count;
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{le=\"{}\"}} {cumulative}",
+            *bound as f64 / 1000.0
+        );
+    }
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", latency.count);
+    let _ = writeln!(
+        out,
+        "{name}_sum {:.6}",
+        latency.sum_micros as f64 / 1_000_000.0
+    );
+    let _ = writeln!(out, "{name}_count {}", latency.count);
 }
 
 pub async fn serve(listener: TcpListener, daemon: Handle) {
@@ -161,7 +296,7 @@ async fn handle(mut stream: TcpStream, daemon: &Handle) -> std::io::Result<()> {
     let (status, body) =
         if method == b"GET" && (path == b"/metrics" || path.starts_with(b"/metrics?")) {
             match daemon.metrics_sample().await {
-                Some(sample) => ("200 OK", render(&sample, SystemTime::now())),
+                Some(scrape) => ("200 OK", render(&scrape, SystemTime::now())),
                 None => (
                     "503 Service Unavailable",
                     "vpcgated is shutting down\n".to_string(),
@@ -210,7 +345,26 @@ mod tests {
             advertised_routes: 2,
             accepted_routes: 0,
         };
-        let text = render(&sample, now);
+        let mut dns = Stats {
+            queries_udp: 7,
+            queries_tcp: 2,
+            cache_entries: 3,
+            ..Stats::default()
+        };
+        dns.record(Outcome::Cache);
+        dns.record(Outcome::RateLimited);
+        dns.record(Outcome::RateLimited);
+        for ms in [1, 3, 3, 2000] {
+            dns.latency.observe(Duration::from_millis(ms));
+        }
+        let mut scrape = Scrape { sample, dns: None };
+        let off = render(&scrape, now);
+        assert!(
+            !off.contains("vpcgate_dns_"),
+            "DNS families while it is off"
+        );
+        scrape.dns = Some(dns);
+        let text = render(&scrape, now);
         for line in [
             "vpcgate_peer_receive_bytes_total{public_key=\"AAAA+/==\",name=\"laptop\"} 10",
             "vpcgate_peer_transmit_bytes_total{public_key=\"AAAA+/==\",name=\"laptop\"} 20",
@@ -221,6 +375,20 @@ mod tests {
             "vpcgate_peers 2",
             "vpcgate_advertised_routes 2",
             "vpcgate_accepted_routes 0",
+            "vpcgate_dns_queries_total{transport=\"udp\"} 7",
+            "vpcgate_dns_queries_total{transport=\"tcp\"} 2",
+            "vpcgate_dns_results_total{result=\"cache\"} 1",
+            "vpcgate_dns_results_total{result=\"rate_limited\"} 2",
+            "vpcgate_dns_results_total{result=\"outside\"} 0",
+            "vpcgate_dns_cache_entries 3",
+            // Cumulative buckets; 2 s is past the last bound, so only in +Inf.
+            "vpcgate_dns_upstream_latency_seconds_bucket{le=\"0.001\"} 1",
+            "vpcgate_dns_upstream_latency_seconds_bucket{le=\"0.002\"} 1",
+            "vpcgate_dns_upstream_latency_seconds_bucket{le=\"0.005\"} 3",
+            "vpcgate_dns_upstream_latency_seconds_bucket{le=\"1\"} 3",
+            "vpcgate_dns_upstream_latency_seconds_bucket{le=\"+Inf\"} 4",
+            "vpcgate_dns_upstream_latency_seconds_sum 2.007000",
+            "vpcgate_dns_upstream_latency_seconds_count 4",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
@@ -234,6 +402,14 @@ mod tests {
         // Every sample line belongs to a declared family.
         for l in text.lines().filter(|l| !l.starts_with('#')) {
             let family = l.split(['{', ' ']).next().unwrap_or_default();
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| {
+                    family
+                        .strip_suffix(suffix)
+                        .filter(|f| text.contains(&format!("# TYPE {f} histogram")))
+                })
+                .unwrap_or(family);
             assert!(text.contains(&format!("# TYPE {family} ")), "{l}");
         }
     }

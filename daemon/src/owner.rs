@@ -170,7 +170,10 @@ impl Owner {
                 let _ = reply.send(response);
             }
             Call::Metrics(reply) => {
-                let _ = reply.send(self.metrics());
+                let _ = reply.send(crate::metrics::Scrape {
+                    sample: self.metrics(),
+                    dns: self.dns.stats(),
+                });
             }
         }
     }

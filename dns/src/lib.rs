@@ -18,7 +18,7 @@ pub mod stats;
 
 pub use forwarder::{Config, Forwarder, Output, Send, Ticket, Transport};
 pub use limit::Rate;
-pub use stats::{Result, Stats};
+pub use stats::{Latency, Result, Stats};
 
 #[cfg(test)]
 mod tests;

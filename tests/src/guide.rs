@@ -368,9 +368,26 @@ impl Vpcgate {
         })
     }
 
-    fn argv<'a>(&'a self, bin: &'a str, sock: &'a str, args: &[&'a str]) -> Vec<&'a str> {
-        let mut argv = vec!["ip", "netns", "exec", self.ns.name(), bin, "--socket", sock];
-        argv.extend_from_slice(args);
+    fn argv<'a>(&'a self, bin: &'a str, sock: &'a str, args: &[&'a str]) -> Vec<String> {
+        // The machine as a plain one with no cloud, unless a test names a
+        // DMI directory itself: `peer add` and `doctor` never ask the real
+        // metadata service, whatever cloud this test machine runs on.
+        let dmi = crate::metadata::plain_dmi(self.ns.dir());
+        let mut argv: Vec<String> = [
+            "ip",
+            "netns",
+            "exec",
+            self.ns.name(),
+            "env",
+            &format!("VPCGATE_DMI_DIR={}", dmi.display()),
+            bin,
+            "--socket",
+            sock,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        argv.extend(args.iter().map(|s| s.to_string()));
         argv
     }
 
@@ -385,6 +402,7 @@ impl Vpcgate {
         let out = std::process::Command::new("ip")
             .args(["netns", "exec", self.ns.name()])
             .arg(&self.bin)
+            .env("VPCGATE_DMI_DIR", crate::metadata::plain_dmi(self.ns.dir()))
             .arg("--socket")
             .arg(&self.socket)
             .args(args)
@@ -398,7 +416,8 @@ impl Vpcgate {
     pub fn output_stdin(&self, args: &[&str], stdin: Option<&[u8]>) -> Result<Output> {
         let bin = self.bin.to_string_lossy().into_owned();
         let sock = self.socket.to_string_lossy().into_owned();
-        run_raw(&self.argv(&bin, &sock, args), stdin)
+        let argv = self.argv(&bin, &sock, args);
+        run_raw(&argv.iter().map(String::as_str).collect::<Vec<_>>(), stdin)
     }
 
     /// Runs the command and returns stdout; fails with stderr unless it
@@ -410,7 +429,8 @@ impl Vpcgate {
     pub fn run_stdin(&self, args: &[&str], stdin: Option<&[u8]>) -> Result<String> {
         let bin = self.bin.to_string_lossy().into_owned();
         let sock = self.socket.to_string_lossy().into_owned();
-        run(&self.argv(&bin, &sock, args), stdin)
+        let argv = self.argv(&bin, &sock, args);
+        run(&argv.iter().map(String::as_str).collect::<Vec<_>>(), stdin)
     }
 
     pub fn status(&self) -> Result<Status> {

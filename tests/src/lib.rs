@@ -10,6 +10,7 @@ mod container;
 mod deb;
 mod flows;
 mod guide;
+mod metadata;
 mod netns;
 mod pair;
 mod rng;
@@ -27,6 +28,7 @@ pub use guide::{
     TUNNEL_NET6, VPC_HOST, VPC_HOST6, VPC_RANGE, VPC_RANGE6, VPC_ROUTER, VPC_ROUTER6,
 };
 
+pub use metadata::{plain_dmi, raw_request, Cloud, FakeMetadata, Seen, METADATA_VPC_MAC};
 pub use rng::{seed, Rng};
 
 pub use netns::{require_root, unique_ifname, veth, wait_until, Netns, Proc};

@@ -1,6 +1,8 @@
 //! The cloud part of `vpcgate doctor`: which provider this VM runs on, read
 //! from DMI only (never by probing the network), what its metadata service
-//! says about the instance, and the provider's own forwarding switch.
+//! says about the instance, and the provider's own forwarding switch. Also
+//! the instance's public IPv4 address, which `vpcgate peer add` reads from
+//! here when no public endpoint is set.
 //!
 //! What the metadata services expose (checked against each provider's
 //! documentation and real responses):
@@ -23,6 +25,7 @@
 //! check and to fix it, filled in with the instance's ids from the metadata.
 
 use std::fmt;
+use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -40,6 +43,10 @@ const TOTAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// The IMDSv2 token is used for a few seconds only.
 const AWS_TOKEN_TTL: &str = "60";
 const AZURE_API_VERSION: &str = "2021-02-01";
+/// Where the public address is; see [`public_ipv4`].
+const GCP_PUBLIC_IP: &str = "instance/network-interfaces/0/access-configs/0/external-ip";
+const AZURE_PUBLIC_IP: &str =
+    "/metadata/instance/network/interface/0/ipv4/ipAddress/0/publicIpAddress";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Provider {
@@ -162,6 +169,80 @@ fn plain_value(value: &str, what: &str) -> Result<String, String> {
     }
 }
 
+/// One provider's requests, which share one deadline.
+struct Session<'a> {
+    endpoint: &'a Endpoint,
+    deadline: Instant,
+}
+
+impl Session<'_> {
+    fn new(endpoint: &Endpoint) -> Session<'_> {
+        Session {
+            endpoint,
+            deadline: Instant::now() + TOTAL_TIMEOUT,
+        }
+    }
+
+    /// One request, whatever status it answers.
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<http::Response, String> {
+        let left = self
+            .deadline
+            .saturating_duration_since(Instant::now())
+            .min(REQUEST_TIMEOUT);
+        if left.is_zero() {
+            return Err(format!("{} did not answer in time", self.endpoint.url()));
+        }
+        http::request(self.endpoint, method, path, headers, left)
+            .map_err(|e: HttpError| e.to_string())
+    }
+
+    /// One request that must answer 200.
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<http::Response, String> {
+        let response = self.send(method, path, headers)?;
+        if response.status != 200 {
+            return Err(format!("{method} {path} answered HTTP {}", response.status));
+        }
+        Ok(response)
+    }
+
+    /// IMDSv2: every read carries a token from this PUT.
+    fn aws_token(&self) -> Result<String, String> {
+        let token = self.call(
+            "PUT",
+            "/latest/api/token",
+            &[("X-aws-ec2-metadata-token-ttl-seconds", AWS_TOKEN_TTL)],
+        )?;
+        Ok(token.text().trim().to_string())
+    }
+
+    /// A GET under GCP's `/computeMetadata/v1/`, whatever status it answers.
+    fn gcp(&self, path: &str) -> Result<http::Response, String> {
+        let response = self.send(
+            "GET",
+            &format!("/computeMetadata/v1/{path}"),
+            &[("Metadata-Flavor", "Google")],
+        )?;
+        // The real server always says so; anything else is not it.
+        if response.header("Metadata-Flavor") != Some("Google") {
+            return Err(format!(
+                "{} is not GCP's metadata server (no Metadata-Flavor: Google in its answer)",
+                self.endpoint.url()
+            ));
+        }
+        Ok(response)
+    }
+}
+
 /// Reads the instance's identity. `vpc_mac` is the MAC of the interface
 /// that leads to the advertised ranges, lower case with colons.
 pub fn fetch(
@@ -169,38 +250,18 @@ pub fn fetch(
     endpoint: &Endpoint,
     vpc_mac: Option<&str>,
 ) -> Result<Instance, String> {
-    let deadline = Instant::now() + TOTAL_TIMEOUT;
-    let call =
-        |method: &str, path: &str, headers: &[(&str, &str)]| -> Result<http::Response, String> {
-            let left = deadline
-                .saturating_duration_since(Instant::now())
-                .min(REQUEST_TIMEOUT);
-            if left.is_zero() {
-                return Err(format!("{} did not answer in time", endpoint.url()));
-            }
-            let response = http::request(endpoint, method, path, headers, left)
-                .map_err(|e: HttpError| e.to_string())?;
-            if response.status != 200 {
-                return Err(format!("{method} {path} answered HTTP {}", response.status));
-            }
-            Ok(response)
-        };
+    let session = Session::new(endpoint);
     match provider {
         Provider::Aws => {
-            let token = call(
-                "PUT",
-                "/latest/api/token",
-                &[("X-aws-ec2-metadata-token-ttl-seconds", AWS_TOKEN_TTL)],
-            )?
-            .text();
-            let token = token.trim();
+            let token = session.aws_token()?;
             let get = |path: &str| {
-                call(
-                    "GET",
-                    &format!("/latest/meta-data/{path}"),
-                    &[("X-aws-ec2-metadata-token", token)],
-                )
-                .map(|r| r.text())
+                session
+                    .call(
+                        "GET",
+                        &format!("/latest/meta-data/{path}"),
+                        &[("X-aws-ec2-metadata-token", &token)],
+                    )
+                    .map(|r| r.text())
             };
             let instance_id = plain_value(&get("instance-id")?, "instance id")?;
             let region = match get("placement/region") {
@@ -229,14 +290,12 @@ pub fn fetch(
         }
         Provider::Gcp => {
             let get = |path: &str| -> Result<String, String> {
-                let r = call(
-                    "GET",
-                    &format!("/computeMetadata/v1/{path}"),
-                    &[("Metadata-Flavor", "Google")],
-                )?;
-                // The real server always says so; anything else is not it.
-                if r.header("Metadata-Flavor") != Some("Google") {
-                    return Err(format!("{} is not GCP's metadata server (no Metadata-Flavor: Google in its answer)", endpoint.url()));
+                let r = session.gcp(path)?;
+                if r.status != 200 {
+                    return Err(format!(
+                        "GET /computeMetadata/v1/{path} answered HTTP {}",
+                        r.status
+                    ));
                 }
                 Ok(r.text())
             };
@@ -253,7 +312,7 @@ pub fn fetch(
         }
         Provider::Azure => {
             let path = format!("/metadata/instance?api-version={AZURE_API_VERSION}");
-            let body = call("GET", &path, &[("Metadata", "true")])?.text();
+            let body = session.call("GET", &path, &[("Metadata", "true")])?.text();
             parse_azure(&body, vpc_mac)
         }
     }
@@ -303,6 +362,104 @@ pub fn parse_azure(body: &str, vpc_mac: Option<&str>) -> Result<Instance, String
         resource_group,
         subscription,
         mac,
+    })
+}
+
+/// The instance's public IPv4 address, for `peer add` when no public
+/// endpoint is set. Where each provider keeps it:
+/// - AWS: `public-ipv4`, absent (404) when the instance has none.
+/// - GCP: the first NIC's first access config's `external-ip`; no access
+///   config (no external address) is a 404.
+/// - Azure: the first NIC's first IP configuration's `publicIpAddress`,
+///   as plain text with `format=text`. Azure fills it only for Basic-SKU
+///   public IPs: for a Standard-SKU one it is empty (Microsoft's answer in
+///   MicrosoftDocs/azure-docs#44314; kubernetes-sigs/cloud-provider-azure#535
+///   and siderolabs/talos#4150 report the same).
+pub fn public_ipv4(provider: Provider, endpoint: &Endpoint) -> Result<Ipv4Addr, String> {
+    let session = Session::new(endpoint);
+    let response = match provider {
+        Provider::Aws => {
+            let token = session.aws_token()?;
+            session.send(
+                "GET",
+                "/latest/meta-data/public-ipv4",
+                &[("X-aws-ec2-metadata-token", &token)],
+            )?
+        }
+        Provider::Gcp => session.gcp(GCP_PUBLIC_IP)?,
+        Provider::Azure => session.send(
+            "GET",
+            &format!("{AZURE_PUBLIC_IP}?api-version={AZURE_API_VERSION}&format=text"),
+            &[("Metadata", "true")],
+        )?,
+    };
+    parse_public_ipv4(provider, response.status, &response.body)
+}
+
+/// How much of an unexpected answer an error shows.
+const SHOWN_CHARS: usize = 64;
+
+/// Checks what the metadata service answered for the public address; the
+/// error says why it is not one, quoting the answer.
+pub fn parse_public_ipv4(provider: Provider, status: u16, body: &[u8]) -> Result<Ipv4Addr, String> {
+    let none = match provider {
+        Provider::Azure => {
+            "it lists no public IPv4 address for the first network interface: the VM has none, \
+             or a Standard-SKU one, which Azure's metadata service does not show"
+        }
+        Provider::Aws | Provider::Gcp => "this instance has no public IPv4 address",
+    };
+    if status == 404 {
+        return Err(format!("{none} (HTTP 404)"));
+    }
+    if status != 200 {
+        return Err(format!("it answered HTTP {status}"));
+    }
+    let shown = || {
+        let text = String::from_utf8_lossy(body);
+        let mut chars = text.chars();
+        let head: String = chars.by_ref().take(SHOWN_CHARS).collect();
+        let cut = if chars.next().is_some() { "…" } else { "" };
+        format!("{head:?}{cut}")
+    };
+    let text = std::str::from_utf8(body)
+        .map_err(|_| format!("it answered {}, which is not an IPv4 address", shown()))?;
+    // Only the line break a text answer may end with; spaces inside or
+    // around the address are not an address.
+    let text = text.strip_suffix('\n').unwrap_or(text);
+    if text.is_empty() {
+        return Err(none.to_string());
+    }
+    let ip: Ipv4Addr = text
+        .parse()
+        .map_err(|_| format!("it answered {}, which is not an IPv4 address", shown()))?;
+    match unreachable_kind(ip) {
+        Some(kind) => Err(format!(
+            "it answered {ip}, {kind}, which clients on the internet cannot reach"
+        )),
+        None => Ok(ip),
+    }
+}
+
+/// What kind of address `ip` is when clients on the internet cannot reach
+/// it (after IANA's special-purpose registry), or `None` for a public one.
+/// RFC 5737's documentation ranges (192.0.2.0/24, 198.51.100.0/24,
+/// 203.0.113.0/24) pass on purpose: no provider hands them out, so only an
+/// example or a test's fake service answers one, and refusing them would
+/// make those use somebody's real address.
+fn unreachable_kind(ip: Ipv4Addr) -> Option<&'static str> {
+    let [a, b, c, _] = ip.octets();
+    Some(match (a, b, c) {
+        (0, ..) => "an address in 0.0.0.0/8 (\"this network\")",
+        (10, ..) | (172, 16..=31, _) | (192, 168, _) => "a private address (RFC 1918)",
+        (100, 64..=127, _) => "a shared carrier-grade NAT address (100.64.0.0/10)",
+        (127, ..) => "a loopback address",
+        (169, 254, _) => "a link-local address",
+        (192, 0, 0) => "an IETF protocol address (192.0.0.0/24)",
+        (198, 18..=19, _) => "a benchmarking address (198.18.0.0/15)",
+        (224..=239, ..) => "a multicast address",
+        (240.., ..) => "a reserved address (240.0.0.0/4)",
+        _ => return None,
     })
 }
 
@@ -709,6 +866,117 @@ mod tests {
             .any(|f| f.contains("describe <instance name> --zone <zone> --project <project>")));
         let check = forwarding_switch(Provider::Azure, None, Some(false), &[]);
         assert!(check.fix.iter().any(|f| f.contains("<resource group>")));
+    }
+
+    const PROVIDERS: [Provider; 3] = [Provider::Aws, Provider::Gcp, Provider::Azure];
+
+    #[test]
+    fn a_public_address_is_taken() {
+        for provider in PROVIDERS {
+            for (answer, ip) in [
+                (&b"34.120.5.9"[..], Ipv4Addr::new(34, 120, 5, 9)),
+                (b"52.18.0.7\n", Ipv4Addr::new(52, 18, 0, 7)),
+                // Documentation addresses pass (see unreachable_kind).
+                (b"203.0.113.7", Ipv4Addr::new(203, 0, 113, 7)),
+                // The neighbours of the refused ranges are public.
+                (b"172.15.255.255", Ipv4Addr::new(172, 15, 255, 255)),
+                (b"172.32.0.1", Ipv4Addr::new(172, 32, 0, 1)),
+                (b"100.63.255.255", Ipv4Addr::new(100, 63, 255, 255)),
+                (b"100.128.0.1", Ipv4Addr::new(100, 128, 0, 1)),
+                (b"198.17.255.255", Ipv4Addr::new(198, 17, 255, 255)),
+                (b"198.20.0.1", Ipv4Addr::new(198, 20, 0, 1)),
+                (b"192.0.1.1", Ipv4Addr::new(192, 0, 1, 1)),
+                (b"223.255.255.254", Ipv4Addr::new(223, 255, 255, 254)),
+            ] {
+                assert_eq!(
+                    parse_public_ipv4(provider, 200, answer),
+                    Ok(ip),
+                    "{provider}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn an_address_the_internet_cannot_reach_is_refused_by_kind() {
+        for provider in PROVIDERS {
+            for (answer, kind) in [
+                ("10.0.8.5", "private address (RFC 1918)"),
+                ("172.16.0.4", "private address (RFC 1918)"),
+                ("172.31.255.1", "private address (RFC 1918)"),
+                ("192.168.1.20", "private address (RFC 1918)"),
+                ("100.64.0.1", "carrier-grade NAT"),
+                ("100.127.255.254", "carrier-grade NAT"),
+                ("169.254.169.254", "link-local"),
+                ("127.0.0.1", "loopback"),
+                ("0.0.0.0", "this network"),
+                ("192.0.0.8", "IETF protocol"),
+                ("198.18.64.10", "benchmarking"),
+                ("198.19.255.255", "benchmarking"),
+                ("224.0.0.1", "multicast"),
+                ("239.255.255.250", "multicast"),
+                ("240.0.0.1", "reserved"),
+                ("255.255.255.255", "reserved"),
+            ] {
+                let err = parse_public_ipv4(provider, 200, answer.as_bytes()).expect_err(answer);
+                assert!(
+                    err.starts_with(&format!("it answered {answer}, "))
+                        && err.contains(kind)
+                        && err.ends_with("which clients on the internet cannot reach"),
+                    "{provider} {answer}: {err}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn anything_but_one_ipv4_address_is_refused_and_quoted() {
+        for provider in PROVIDERS {
+            for (answer, quoted) in [
+                (&b"2001:db8::1"[..], r#""2001:db8::1""#),
+                (b"fd00::1", r#""fd00::1""#),
+                (b"::ffff:203.0.113.7", r#""::ffff:203.0.113.7""#),
+                (b"203.0.113.7:51820", r#""203.0.113.7:51820""#),
+                (b"203.0.113", r#""203.0.113""#),
+                (b"203.0.113.7.1", r#""203.0.113.7.1""#),
+                (b"203.0.113.256", r#""203.0.113.256""#),
+                (b"0203.0.113.7", r#""0203.0.113.7""#),
+                (b" 203.0.113.7", r#"" 203.0.113.7""#),
+                (b"203.0.113.7 ", r#""203.0.113.7 ""#),
+                (b"203.0.113.7\r\n", r#""203.0.113.7\r\n""#),
+                (b"203.0.113.7\n\n", r#""203.0.113.7\n\n""#),
+                (b"203.0.113.7\n10.0.0.1", r#""203.0.113.7\n10.0.0.1""#),
+                (b"<html>Blocked</html>", r#""<html>Blocked</html>""#),
+                (b"\x1b[2J\x07", r#""\u{1b}[2J\u{7}""#),
+                (b"\xff\xfe1.2.3.4", "\"\u{fffd}\u{fffd}1.2.3.4\""),
+            ] {
+                let err = parse_public_ipv4(provider, 200, answer).expect_err(quoted);
+                assert_eq!(
+                    err,
+                    format!("it answered {quoted}, which is not an IPv4 address"),
+                    "{provider}"
+                );
+            }
+            let long =
+                parse_public_ipv4(provider, 200, "x".repeat(10_000).as_bytes()).expect_err("long");
+            assert!(long.len() < 200 && long.contains("…"), "{long}");
+        }
+    }
+
+    #[test]
+    fn no_address_or_an_error_status_says_so() {
+        for provider in PROVIDERS {
+            for (status, body) in [(200, &b""[..]), (200, b"\n"), (404, b"Not Found")] {
+                let err = parse_public_ipv4(provider, status, body).expect_err("none");
+                assert!(err.contains("no public IPv4 address"), "{provider}: {err}");
+            }
+            let err = parse_public_ipv4(provider, 500, b"203.0.113.7").expect_err("500");
+            assert_eq!(err, "it answered HTTP 500");
+        }
+        let azure = parse_public_ipv4(Provider::Azure, 200, b"").expect_err("none");
+        assert!(azure.contains("Standard-SKU"), "{azure}");
+        let aws = parse_public_ipv4(Provider::Aws, 404, b"").expect_err("none");
+        assert_eq!(aws, "this instance has no public IPv4 address (HTTP 404)");
     }
 
     #[test]

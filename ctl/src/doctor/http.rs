@@ -327,6 +327,22 @@ pub fn decode_chunked(mut data: &[u8]) -> Result<Option<Vec<u8>>, HttpError> {
     }
 }
 
+/// Reads a request's head on a test server's connection, up to the blank
+/// line (or the end of the connection).
+#[cfg(test)]
+pub fn read_head(conn: &mut impl Read) -> String {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = conn.read(&mut buf).expect("read");
+        if n == 0 {
+            break;
+        }
+        seen.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -407,21 +423,13 @@ mod tests {
         let port = listener.local_addr().expect("addr").port();
         let server = std::thread::spawn(move || {
             let (mut conn, _) = listener.accept().expect("accept");
-            let mut seen = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                let n = conn.read(&mut buf).expect("read");
-                if n == 0 {
-                    break;
-                }
-                seen.extend_from_slice(&buf[..n]);
-            }
+            let seen = read_head(&mut conn);
             conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
                 .expect("write");
             // A second client is accepted but never answered.
             let (_silent, _) = listener.accept().expect("accept");
             std::thread::sleep(Duration::from_millis(800));
-            String::from_utf8_lossy(&seen).into_owned()
+            seen
         });
         let ep = Endpoint::parse(&format!("http://127.0.0.1:{port}/base")).expect("endpoint");
         let r = request(

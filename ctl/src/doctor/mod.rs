@@ -9,9 +9,9 @@
 //! commands that fix it. A failed check makes the exit status non-zero; a
 //! warning does not.
 
-mod cloud;
+pub mod cloud;
 mod host;
-mod http;
+pub mod http;
 mod open_as;
 mod routes;
 
@@ -30,6 +30,18 @@ pub const METADATA_ENDPOINT_ENV: &str = "VPCGATE_METADATA_ENDPOINT";
 pub const DMI_DIR_ENV: &str = "VPCGATE_DMI_DIR";
 pub const DEFAULT_DMI_DIR: &str = "/sys/class/dmi/id";
 pub use cloud::DEFAULT_ENDPOINT as DEFAULT_METADATA_ENDPOINT;
+
+/// Where to learn which cloud this VM is on and to ask its metadata
+/// service: doctor and `peer add` take the same flags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CloudArgs {
+    /// Base URL of the cloud metadata service (tests use a fake).
+    #[arg(long, env = METADATA_ENDPOINT_ENV, default_value = DEFAULT_METADATA_ENDPOINT)]
+    pub metadata_endpoint: String,
+    /// Where DMI identifies the machine (and so its cloud).
+    #[arg(long, env = DMI_DIR_ENV, default_value = DEFAULT_DMI_DIR)]
+    pub dmi_dir: PathBuf,
+}
 
 /// How long doctor waits for vpcgated: it answers Status at once or is stuck.
 const DAEMON_TIMEOUT: Duration = Duration::from_secs(5);
