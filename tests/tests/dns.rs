@@ -736,3 +736,53 @@ fn a_vpcgate_client_gets_split_dns_from_its_gateway_and_loses_it_with_the_gatewa
     })
     .unwrap_or_else(|e| panic!("{e:#}\nresolvectl calls:\n{}", resolved.calls()));
 }
+
+/// doctor's `dns` check, from `vpcgate doctor --json` on the gateway.
+fn doctor_dns(s: &Site) -> (String, String) {
+    let out =
+        s.g.gateway
+            .ctl
+            .output(&["doctor", "--json"])
+            .or_die("doctor");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let checks: serde_json::Value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("doctor --json printed no JSON ({e}): {text}"));
+    let check = checks
+        .as_array()
+        .and_then(|all| all.iter().find(|c| c["id"] == "dns"))
+        .unwrap_or_else(|| panic!("no dns check in {text}"));
+    (
+        check["status"].as_str().unwrap_or_default().to_string(),
+        check["message"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+#[test]
+fn doctor_asks_the_upstream_and_fails_when_it_does_not_answer() {
+    let s = site();
+    let (status, message) = doctor_dns(&s);
+    assert_eq!(status, "ok", "{message}");
+    assert!(
+        message.contains(&format!(
+            "{RESOLVER}:53 (from /etc/resolv.conf), which answer"
+        )),
+        "{message}"
+    );
+    // The VM's resolver moves to an address where nothing answers; the
+    // gateway follows its resolv.conf, and doctor says the upstream is dead.
+    s.g.net
+        .gw
+        .set_resolv_conf("nameserver 198.18.64.3\n")
+        .or_die("gateway resolv.conf");
+    wait_until(LEARN, "the forwarder to follow resolv.conf", || {
+        let json = s.g.gateway.ctl.run(&["status", "--json"]).or_die("status");
+        Ok(json.contains("198.18.64.3:53"))
+    })
+    .or_die("upstream changed");
+    let (status, message) = doctor_dns(&s);
+    assert_eq!(status, "fail", "{message}");
+    assert!(
+        message.contains("no upstream (from /etc/resolv.conf) answers: 198.18.64.3:53"),
+        "{message}"
+    );
+}

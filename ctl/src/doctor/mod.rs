@@ -10,6 +10,7 @@
 //! warning does not.
 
 pub mod cloud;
+mod dns;
 mod host;
 pub mod http;
 mod open_as;
@@ -118,6 +119,8 @@ pub struct DaemonView {
     pub mtu: u32,
     /// The tunnel networks, e.g. 100.64.0.0/24.
     pub tunnel_networks: Vec<String>,
+    pub dns: Option<proto::DnsStatus>,
+    pub link_dns: Option<proto::LinkDnsStatus>,
 }
 
 impl DaemonView {
@@ -139,6 +142,8 @@ impl DaemonView {
                 .filter_map(|a| Prefix::parse(a))
                 .map(|p| p.network().to_string())
                 .collect(),
+            dns: status.dns.as_deref().cloned(),
+            link_dns: status.link_dns.as_deref().cloned(),
         }
     }
 }
@@ -225,6 +230,14 @@ pub fn run_checks(host: &Host, options: &Options) -> Vec<Check> {
     let view = view.ok();
     if let Some(v) = &view {
         checks.push(advertised_check(v));
+        checks.push(dns::forwarder(
+            v.dns.as_ref(),
+            !v.ranges.is_empty(),
+            dns::probe,
+        ));
+        if let Some(link) = &v.link_dns {
+            checks.push(dns::split(link));
+        }
     }
 
     let need = |v4: bool| match &view {
