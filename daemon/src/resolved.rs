@@ -43,9 +43,9 @@ impl Resolver for Resolvectl {
                 "neither resolvectl nor systemd-resolve is installed, so systemd-resolved cannot be told",
             )
         })?;
-        for args in commands(program, interface, dns) {
-            run(&path, &args.required).await.or_else(|e| {
-                if args.optional {
+        for invocation in commands(program, interface, dns) {
+            run(&path, &invocation.args).await.or_else(|e| {
+                if invocation.optional {
                     // `default-route` came with systemd 240; without it
                     // the link still answers its routing domains.
                     tracing::debug!("{e}");
@@ -73,13 +73,13 @@ impl Resolver for Resolvectl {
 
 /// One invocation, and whether its failure can be ignored.
 struct Invocation {
-    required: Vec<String>,
+    args: Vec<String>,
     optional: bool,
 }
 
 fn commands(program: Program, interface: &str, dns: Option<&LinkDns>) -> Vec<Invocation> {
     let run = |args: Vec<String>| Invocation {
-        required: args,
+        args,
         optional: false,
     };
     let strings = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
@@ -103,7 +103,7 @@ fn commands(program: Program, interface: &str, dns: Option<&LinkDns>) -> Vec<Inv
                 run(set_dns),
                 run(domain),
                 Invocation {
-                    required: strings(&[
+                    args: strings(&[
                         "default-route",
                         interface,
                         if every_name { "yes" } else { "no" },
@@ -210,7 +210,7 @@ mod tests {
     fn argv(program: Program, dns: Option<&LinkDns>) -> Vec<(String, bool)> {
         commands(program, "vpcgate0", dns)
             .into_iter()
-            .map(|i| (i.required.join(" "), i.optional))
+            .map(|i| (i.args.join(" "), i.optional))
             .collect()
     }
 
