@@ -24,6 +24,9 @@ use vpcgate_plane::settings::{validate_addresses, Settings};
 use vpcgate_plane::stored::{restore_peers, stored_peers};
 use vpcgate_plane::{key, policy as subnet};
 
+mod dns;
+pub use dns::dns;
+
 /// A packet as read from the TUN or decrypted from a peer: the checked view,
 /// then the MSS clamp under several limits, each on a fresh copy and all in
 /// turn on one buffer.
@@ -619,5 +622,10 @@ mod corpus {
     #[test]
     fn routes_msg_corpus() {
         replay("routes_msg", fuzzing::routes_msg);
+    }
+
+    #[test]
+    fn dns_corpus() {
+        replay("dns", fuzzing::dns);
     }
 }

@@ -3,9 +3,10 @@
 //! answer back, so the servers never touch the state themselves and every
 //! change is applied in the order it arrived.
 
-use crate::metrics::Scrape;
 use tokio::sync::{mpsc, oneshot};
+use vpcgate_dns::Stats;
 use vpcgate_plane::device::SetRequest;
+use vpcgate_plane::view::Sample;
 use vpcgate_proto::{Request, Response};
 use zeroize::Zeroizing;
 
@@ -18,6 +19,13 @@ pub enum Call {
     UapiSet(SetRequest, oneshot::Sender<i32>),
     Control(Request, oneshot::Sender<Response>),
     Metrics(oneshot::Sender<Scrape>),
+}
+
+/// What one scrape reads from the owner: the control plane's sample and
+/// the DNS forwarder's counters (`None` while it is off).
+pub struct Scrape {
+    pub sample: Sample,
+    pub dns: Option<Stats>,
 }
 
 /// Calls queued before the owner takes them. Each client waits for its own

@@ -12,20 +12,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::handle::Handle;
+use crate::handle::{Handle, Scrape};
 
 const MAX_REQUEST: usize = 8 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 use vpcgate_dns::{Latency, Result as Outcome, Stats};
 pub use vpcgate_plane::view::{PeerSample, Sample};
-
-/// What one scrape reads from the owner: the control plane's sample and
-/// the DNS forwarder's counters (`None` while it is off).
-pub struct Scrape {
-    pub sample: Sample,
-    pub dns: Option<Stats>,
-}
 
 /// Renders the text exposition format.
 pub fn render(scrape: &Scrape, now: SystemTime) -> String {

@@ -170,7 +170,7 @@ impl Owner {
                 let _ = reply.send(response);
             }
             Call::Metrics(reply) => {
-                let _ = reply.send(crate::metrics::Scrape {
+                let _ = reply.send(crate::handle::Scrape {
                     sample: self.metrics(),
                     dns: self.dns.stats(),
                 });

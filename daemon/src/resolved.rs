@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use vpcgate_plane::errno::EIO;
-use vpcgate_plane::model::LinkDns;
+use vpcgate_plane::ports::LinkDns;
 use vpcgate_plane::ports::{PortError, Resolver};
 
 /// resolvectl waits up to 25 s for D-Bus by default; a control plane that

@@ -26,6 +26,9 @@ use crate::stats::{Result as Outcome, Stats};
 /// The most upstreams used; resolv.conf itself allows three.
 pub const MAX_UPSTREAMS: usize = 8;
 
+/// The index of a query's server once that server has left the list.
+const UNLISTED: usize = usize::MAX;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub upstreams: Vec<SocketAddr>,
@@ -171,6 +174,21 @@ impl<C: Clone, R: RngCore> Forwarder<C, R> {
     pub fn set_upstreams(&mut self, mut list: Vec<SocketAddr>) {
         list.truncate(MAX_UPSTREAMS);
         if list != self.upstreams() {
+            // A query on its way keeps its server, found by address in the
+            // new list; one that left it is no longer anyone's index, and
+            // every server of the new list counts as untried.
+            for pending in self.pending.values_mut() {
+                match list.iter().position(|a| *a == pending.addr) {
+                    Some(i) => {
+                        pending.upstream = i;
+                        pending.tried = 1 << i;
+                    }
+                    None => {
+                        pending.upstream = UNLISTED;
+                        pending.tried = 0;
+                    }
+                }
+            }
             self.upstreams = upstreams(&list);
             self.cache.clear();
             self.config.upstreams = list;
@@ -332,7 +350,7 @@ impl<C: Clone, R: RngCore> Forwarder<C, R> {
             // The whole answer is there over TCP, from the same upstream.
             self.stats.upstream_tcp_retries += 1;
             pending.transport = Transport::Tcp;
-            out.push(self.resend(pending, upstream, now));
+            out.push(self.resend(pending, None, now));
             return out;
         }
         let code = reply.metadata.response_code;
@@ -341,7 +359,7 @@ impl<C: Clone, R: RngCore> Forwarder<C, R> {
             ResponseCode::ServFail | ResponseCode::Refused | ResponseCode::NotImp
         ) {
             if let Some(next) = self.pick(pending.tried, false, now) {
-                out.push(self.resend(pending, next, now));
+                out.push(self.resend(pending, Some(next), now));
                 return out;
             }
         }
@@ -401,7 +419,7 @@ impl<C: Clone, R: RngCore> Forwarder<C, R> {
         }
         let mut out = vec![Output::Close(ticket)];
         if let Some(next) = self.pick(pending.tried, false, now) {
-            out.push(self.resend(pending, next, now));
+            out.push(self.resend(pending, Some(next), now));
             return out;
         }
         self.by_key.remove(&pending.key);
@@ -415,13 +433,22 @@ impl<C: Clone, R: RngCore> Forwarder<C, R> {
         out
     }
 
-    /// Sends `pending` again, to `upstream`, under a new ticket and ID.
-    fn resend(&mut self, mut pending: Pending<C>, upstream: usize, now: Instant) -> Output<C> {
+    /// Sends `pending` again under a new ticket and ID: to `upstream`, or
+    /// with `None` to the server it went to before (a truncated answer,
+    /// asked again over TCP), whether or not that one is still listed.
+    fn resend(
+        &mut self,
+        mut pending: Pending<C>,
+        upstream: Option<usize>,
+        now: Instant,
+    ) -> Output<C> {
         let ticket = self.ticket();
         pending.id = self.rng.next_u32() as u16;
-        pending.upstream = upstream;
-        pending.addr = self.upstreams_addr(upstream);
-        pending.tried |= 1 << upstream;
+        if let Some(upstream) = upstream {
+            pending.upstream = upstream;
+            pending.addr = self.upstreams_addr(upstream);
+            pending.tried |= 1 << upstream;
+        }
         pending.sent = now;
         pending.deadline = now + self.config.attempt_timeout;
         // Every waiter asked the same question; the first one's words go.

@@ -364,6 +364,40 @@ fn new_upstreams_empty_the_cache() {
     );
 }
 
+/// Found by the `dns` fuzz target: a query on its way when the list
+/// changed was later sent to whichever server took its old place in the
+/// list, or to 0.0.0.0:0 when the list had emptied.
+#[test]
+fn queries_on_their_way_keep_their_server_when_the_upstreams_change() {
+    let t0 = Instant::now();
+    let mut f = forwarder(&[UP1, UP2], t0);
+    let q = |id| query("big.zone.", RecordType::A, id, None);
+    let first = one_send(&f.handle_query(1, 1, Transport::Udp, &q(5), t0));
+    assert_eq!(first.upstream, addr(UP1));
+    // UP1 leaves; a truncated answer from it is still asked again of it,
+    // over TCP, the question it already half answered.
+    f.set_upstreams(vec![addr(UP2)]);
+    let mut cut = Message::from_vec(&answer(&first.wire, 0, 60)).expect("m");
+    cut.metadata.truncation = true;
+    cut.authorities.clear();
+    let tcp = one_send(&f.handle_reply(first.ticket, addr(UP1), &cut.to_vec().expect("e"), t0));
+    assert_eq!((tcp.upstream, tcp.transport), (addr(UP1), Transport::Tcp));
+    // It times out: the next try is the new list's server, then nothing.
+    let t1 = t0 + Duration::from_secs(3);
+    let next = one_send(&f.handle_timeout(t1));
+    assert_eq!(next.upstream, addr(UP2));
+    // The list empties while that one waits: its timeout is a SERVFAIL,
+    // never a send to no one.
+    f.set_upstreams(Vec::new());
+    let out = f.handle_timeout(t1 + Duration::from_secs(3));
+    assert!(sends(&out).is_empty(), "{out:?}");
+    assert_eq!(
+        replies(&out)[0].1.metadata.response_code,
+        ResponseCode::ServFail
+    );
+    assert_eq!(f.stats().in_flight, 0);
+}
+
 proptest! {
     #[test]
     fn no_bytes_make_it_panic(

@@ -25,6 +25,7 @@ fn main() -> std::io::Result<()> {
         ("control", control_seeds()),
         ("state", state_seeds()),
         ("routes_msg", routes_msg_seeds()),
+        ("dns", dns_seeds()),
     ] {
         let dir = out.join(target);
         std::fs::create_dir_all(&dir)?;
@@ -596,4 +597,133 @@ fn routes_msg_seeds() -> Seeds {
     other_port[22..24].copy_from_slice(&53u16.to_be_bytes());
     seeds.push(("ordinary-udp".into(), other_port));
     seeds
+}
+
+// DNS forwarder scripts ----------------------------------------------------
+//
+// Each seed is a script for `fuzzing::dns`: a byte of upstreams (bit i is
+// upstream i), then operations, each an opcode byte and its arguments, in
+// the order the harness reads them.
+
+/// A well-formed query: ID, EDNS size (0 for none), labels of a–z, a
+/// query type (0 A, 1 AAAA, 2 AXFR, 3 TXT), then the asking peer and TCP.
+fn dns_query(id: u16, edns: u16, labels: &[&str], qtype: u8, peer: u8, tcp: bool) -> Vec<u8> {
+    let mut op = vec![1];
+    op.extend_from_slice(&id.to_be_bytes());
+    op.push(1); // opcode QUERY
+    op.extend_from_slice(&edns.to_be_bytes());
+    op.push(labels.len().saturating_sub(1) as u8);
+    for label in labels {
+        op.push(label.len().saturating_sub(1) as u8);
+        op.extend(label.bytes().map(|b| b - b'a'));
+    }
+    op.extend_from_slice(&[qtype, 1, peer, u8::from(tcp)]);
+    op
+}
+
+/// The reply to the `pick`th open upstream query: RCODE selector (0 NOERROR,
+/// 4 SERVFAIL, 5 NXDOMAIN, 6 REFUSED), TC, and `answers` A records.
+fn dns_reply(pick: u8, rcode: u8, tc: bool, answers: u8, ttl: u16) -> Vec<u8> {
+    let flags = rcode | if tc { 0x80 } else { 0 };
+    let mut op = vec![2, pick, 1, flags, answers];
+    op.extend_from_slice(&ttl.to_be_bytes());
+    op
+}
+
+fn dns_wait(ms: u16) -> Vec<u8> {
+    let mut op = vec![5];
+    op.extend_from_slice(&ms.to_be_bytes());
+    op
+}
+
+fn dns_seeds() -> Seeds {
+    let db = ["cluster", "db", "internal"];
+    let script = |upstreams: u8, ops: Vec<Vec<u8>>| {
+        let mut s = vec![upstreams];
+        s.extend(ops.into_iter().flatten());
+        s
+    };
+    vec![
+        (
+            "seed-answered".into(),
+            script(
+                1,
+                vec![dns_query(7, 1232, &db, 0, 0, false), dns_reply(0, 0, false, 2, 60)],
+            ),
+        ),
+        (
+            "seed-cached".into(),
+            script(
+                1,
+                vec![
+                    dns_query(7, 1232, &db, 0, 0, false),
+                    dns_reply(0, 0, false, 1, 60),
+                    dns_wait(1000),
+                    dns_query(8, 0, &db, 0, 1, true),
+                ],
+            ),
+        ),
+        (
+            "seed-truncated-for-udp".into(),
+            script(
+                1,
+                vec![dns_query(9, 0, &db, 0, 0, false), dns_reply(0, 0, false, 80, 60)],
+            ),
+        ),
+        (
+            "seed-tc-retried-over-tcp".into(),
+            script(
+                1,
+                vec![
+                    dns_query(10, 1232, &db, 1, 0, false),
+                    dns_reply(0, 0, true, 0, 0),
+                    dns_reply(0, 0, false, 60, 300),
+                ],
+            ),
+        ),
+        (
+            "seed-servfail-then-next".into(),
+            script(
+                3,
+                vec![
+                    dns_query(11, 1232, &db, 3, 2, false),
+                    dns_reply(0, 4, false, 0, 0),
+                    dns_reply(0, 5, false, 0, 900),
+                ],
+            ),
+        ),
+        (
+            "seed-timeouts".into(),
+            script(
+                7,
+                vec![
+                    dns_query(12, 512, &db, 0, 0, false),
+                    dns_query(13, 512, &db, 0, 1, true),
+                    dns_wait(2500),
+                    dns_wait(2500),
+                    dns_wait(2500),
+                ],
+            ),
+        ),
+        (
+            "seed-axfr-refused".into(),
+            script(1, vec![dns_query(14, 0, &["internal"], 2, 0, true)]),
+        ),
+        (
+            "seed-garbage".into(),
+            script(1, vec![vec![0, 5, 0xff, 0, 0, 1, 2, 3, 0]]),
+        ),
+        (
+            "seed-upstreams-change-mid-query".into(),
+            script(
+                3,
+                vec![
+                    dns_query(15, 1232, &db, 0, 0, false),
+                    vec![6, 2],
+                    dns_reply(0, 0, true, 0, 0),
+                    dns_reply(0, 0, false, 3, 60),
+                ],
+            ),
+        ),
+    ]
 }

@@ -17,9 +17,9 @@ use vpcgate_node::{PeerHandle, RouteTable};
 use crate::datapath::{DatapathPlan, PeerState, Step};
 use crate::errno::{EADDRINUSE, EIO};
 use crate::key::Key;
-use crate::model::LinkDns;
 use crate::ports::{
-    Datapath, Links, Nat, NatForm, NatState, Notifier, PortError, Resolver, ServiceState, Store,
+    Datapath, LinkDns, Links, Nat, NatForm, NatState, Notifier, PortError, Resolver, ServiceState,
+    Store,
 };
 use crate::settings::Settings;
 use crate::stored::StoredPeer;

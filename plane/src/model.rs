@@ -11,7 +11,7 @@ use vpcgate_node::mss::mss_for_mtu;
 use crate::datapath::{DatapathState, PeerState};
 use crate::device::DeviceConfig;
 use crate::key::Key;
-use crate::ports::NatState;
+use crate::ports::{LinkDns, NatState};
 use crate::settings::Settings;
 use crate::stored::{stored_peers, StoredPeer};
 
@@ -40,29 +40,6 @@ pub struct Persisted {
     pub key: Option<Key>,
     pub settings: Settings,
     pub peers: Vec<StoredPeer>,
-}
-
-/// What the host's resolver should do with names for the TUN link, as
-/// systemd-resolved takes it: the servers to ask, and the routing domains
-/// (`~zone`, or `~.` for every name) whose names go to them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LinkDns {
-    pub servers: Vec<std::net::IpAddr>,
-    pub domains: Vec<String>,
-}
-
-impl LinkDns {
-    /// The commands that apply it by hand on `interface`, for a host where
-    /// the daemon could not.
-    pub fn command(&self, interface: &str) -> String {
-        let servers: Vec<String> = self.servers.iter().map(ToString::to_string).collect();
-        let domains: Vec<String> = self.domains.iter().map(|d| format!("'{d}'")).collect();
-        format!(
-            "resolvectl dns {interface} {} && resolvectl domain {interface} {}",
-            servers.join(" "),
-            domains.join(" ")
-        )
-    }
 }
 
 /// The tunnel's own addresses and MTU, as we set them on the TUN.

@@ -16,7 +16,6 @@ use ipnet::IpNet;
 
 use crate::datapath::DatapathPlan;
 use crate::key::Key;
-use crate::model::LinkDns;
 use crate::settings::Settings;
 use crate::stored::StoredPeer;
 
@@ -119,6 +118,29 @@ pub trait Links {
     async fn add_route(&mut self, net: IpNet) -> Result<(), PortError>;
     /// Removes our route for `net`; one that is already gone is success.
     async fn del_route(&mut self, net: IpNet) -> Result<(), PortError>;
+}
+
+/// What the host's resolver should do with names for the TUN link, as
+/// systemd-resolved takes it: the servers to ask, and the routing domains
+/// (`~zone`, or `~.` for every name) whose names go to them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkDns {
+    pub servers: Vec<std::net::IpAddr>,
+    pub domains: Vec<String>,
+}
+
+impl LinkDns {
+    /// The commands that apply it by hand on `interface`, for a host where
+    /// the daemon could not.
+    pub fn command(&self, interface: &str) -> String {
+        let servers: Vec<String> = self.servers.iter().map(ToString::to_string).collect();
+        let domains: Vec<String> = self.domains.iter().map(|d| format!("'{d}'")).collect();
+        format!(
+            "resolvectl dns {interface} {} && resolvectl domain {interface} {}",
+            servers.join(" "),
+            domains.join(" ")
+        )
+    }
 }
 
 /// The host's resolver (systemd-resolved) for the TUN link: split DNS to

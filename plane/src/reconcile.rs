@@ -24,8 +24,8 @@ use vpcgate_proto::Response;
 use crate::datapath::{diff, DatapathState};
 use crate::intent::{plan, Error, Intent};
 use crate::key::Key;
-use crate::model::{Desired, LinkConfig, LinkDns};
-use crate::ports::{Datapath, Links, Nat, NatState, PortError, Resolver, Store};
+use crate::model::{Desired, LinkConfig};
+use crate::ports::{Datapath, LinkDns, Links, Nat, NatState, PortError, Resolver, Store};
 use crate::settings::Settings;
 use crate::stored::StoredPeer;
 

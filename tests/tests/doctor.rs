@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use vpcgate_e2e::{
-    raw_request, require_root, vpcgate_bin, Cloud, FakeMetadata, Netns, VpcgatedConfig, WgDev,
-    METADATA_VPC_MAC as VPC_MAC,
+    raw_request, require_root, vpcgate_bin, wait_until, Cloud, FakeMetadata, Netns, Proc,
+    VpcgatedConfig, WgDev, METADATA_VPC_MAC as VPC_MAC,
 };
 
 /// A gateway namespace: vpcgated, a VPC-side interface vpc0 (a veth whose
@@ -74,6 +74,38 @@ impl Gw {
         let empty_dmi = ns.dir().join("dmi-none");
         std::fs::create_dir_all(&empty_dmi).expect("mkdir");
         Gw { ns, dev, empty_dmi }
+    }
+
+    /// The VPC's resolver, as a cloud VM has one: dnsmasq on the VPC
+    /// address, with no records and no upstream, so it answers every
+    /// question with REFUSED (doctor's probe only asks that it answer).
+    /// The gateway is pointed at it; until then its namespace's
+    /// resolv.conf lists no name server.
+    fn start_resolver(&self) -> Proc {
+        let argv = [
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--no-poll",
+            "--pid-file=",
+            "--user=root",
+            "--group=root",
+            "--listen-address=198.18.64.10",
+            "--bind-interfaces",
+            "--port=53",
+        ];
+        let proc = self.ns.spawn("dnsmasq", &argv, &[]).expect("start dnsmasq");
+        // Only stops a dnsmasq that never comes up from hanging the test.
+        wait_until(Duration::from_secs(30), "dnsmasq to answer", || {
+            let out =
+                self.ns
+                    .exec_raw(&["dig", "@198.18.64.10", ".", "NS", "+time=1", "+tries=1"])?;
+            Ok(String::from_utf8_lossy(&out.stdout).contains("status:"))
+        })
+        .expect("dnsmasq answers");
+        self.ok(&["set", "--dns-upstream", "198.18.64.10"]);
+        proc
     }
 
     fn socket(&self) -> String {
@@ -245,6 +277,11 @@ fn host_problems_are_reported_with_fixes_and_clear_when_fixed() {
     assert_eq!(status(&checks, "tun_device", None), "ok");
     assert_eq!(status(&checks, "cloud", None), "ok");
     assert!(checks.iter().all(|c| c["id"] != "cloud_forwarding"));
+    // The namespace's resolv.conf has no name server, so the forwarder
+    // has nowhere to send clients' questions.
+    let dns = find(&checks, "dns", None);
+    assert_eq!(dns["status"], "fail", "{dns}");
+    assert!(has_fix(dns, "vpcgate set --dns-upstream IP"), "{dns}");
 
     // The effective value is the larger of all and the interface.
     gw.sysctl("net.ipv4.conf.all.rp_filter", "1");
@@ -253,6 +290,7 @@ fn host_problems_are_reported_with_fixes_and_clear_when_fixed() {
     assert_eq!(status(&checks, "rp_filter", Some("vpc0")), "warn");
 
     // Apply every fix doctor printed.
+    let _resolver = gw.start_resolver();
     gw.sysctl("net.ipv4.ip_forward", "1");
     gw.sysctl("net.ipv6.conf.all.forwarding", "1");
     gw.sysctl("net.ipv4.conf.vpc0.rp_filter", "2");
@@ -328,7 +366,7 @@ fn host_problems_are_reported_with_fixes_and_clear_when_fixed() {
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("ok    daemon: vpcgated answers"), "{text}");
     assert!(
-        text.trim_end().ends_with("0 failed, 0 warnings, 15 ok"),
+        text.trim_end().ends_with("0 failed, 0 warnings, 16 ok"),
         "{text}"
     );
 
@@ -367,6 +405,7 @@ fn cloud_forwarding_switch_per_provider() {
     gw.sysctl("net.ipv4.ip_forward", "1");
     gw.sysctl("net.ipv4.conf.all.rp_filter", "0");
     gw.sysctl("net.ipv4.conf.vpc0.rp_filter", "2");
+    let _resolver = gw.start_resolver();
     let clouds = [Cloud::Aws, Cloud::Gcp, Cloud::Azure];
 
     // The fakes enforce what the real services do.
