@@ -137,6 +137,7 @@ struct Report {
 pub struct Dns {
     config: watch::Sender<DnsConfig>,
     report: Arc<Mutex<Report>>,
+    serving: watch::Receiver<Vec<IpAddr>>,
     task: JoinHandle<()>,
 }
 
@@ -146,12 +147,14 @@ impl Dns {
     pub fn spawn(device: String, routes: SharedRoutes, resolv_conf: Vec<PathBuf>) -> Dns {
         let (config, watched) = watch::channel(DnsConfig::default());
         let report = Arc::new(Mutex::new(Report::default()));
+        let (serving_tx, serving) = watch::channel(Vec::new());
         let task = tokio::spawn(
             Service {
                 device,
                 routes,
                 resolv_conf,
                 report: report.clone(),
+                serving: serving_tx,
                 listeners: HashMap::new(),
                 upstream_tasks: HashMap::new(),
                 tcp: Arc::new(Mutex::new(TcpSlots::default())),
@@ -161,8 +164,16 @@ impl Dns {
         Dns {
             config,
             report,
+            serving,
             task,
         }
+    }
+
+    /// Where the forwarder answers with an upstream to ask, sorted; it
+    /// changes when a listener comes or goes or the upstreams run out or
+    /// come back. Only these addresses are offered to clients.
+    pub fn serving(&self) -> watch::Receiver<Vec<IpAddr>> {
+        self.serving.clone()
     }
 
     /// Follows the settings; a call that changes nothing does nothing.
@@ -271,6 +282,7 @@ struct Service {
     routes: SharedRoutes,
     resolv_conf: Vec<PathBuf>,
     report: Arc<Mutex<Report>>,
+    serving: watch::Sender<Vec<IpAddr>>,
     listeners: HashMap<IpAddr, Listener>,
     upstream_tasks: HashMap<Ticket, JoinHandle<()>>,
     tcp: Arc<Mutex<TcpSlots>>,
@@ -369,6 +381,18 @@ impl Service {
             tracing::info!("DNS upstreams: {} (from {source})", list.join(", "));
         }
         forwarder.set_upstreams(upstreams.clone());
+        let mut serving: Vec<IpAddr> = match upstreams.is_empty() {
+            true => Vec::new(),
+            false => self.listeners.keys().copied().collect(),
+        };
+        serving.sort();
+        self.serving.send_if_modified(|current| {
+            let changed = *current != serving;
+            if changed {
+                *current = serving;
+            }
+            changed
+        });
         let problem = (!problems.is_empty()).then(|| problems.join("; "));
         if let Ok(mut report) = self.report.lock() {
             if problem.is_some() && problem != report.problem {

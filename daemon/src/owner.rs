@@ -88,6 +88,7 @@ impl Owner {
         let mut lost = false;
         let mut delay = RETRY_FIRST;
         let mut retry_at: Option<tokio::time::Instant> = None;
+        let mut dns_serving = self.dns.serving();
         loop {
             self.dns.apply(&self.desired().settings);
             if retry_at.is_none() && !self.engine.converged() {
@@ -120,6 +121,13 @@ impl Owner {
                 Some(event) = events.recv() => match event {
                     Event::RoutesLearned { peer, routes, dns } => self.routes_learned(peer, routes, dns).await,
                 },
+                Ok(()) = dns_serving.changed() => {
+                    let serving = dns_serving.borrow_and_update().clone();
+                    if serving != self.desired().dns_serving {
+                        // Nothing to refuse: it is what the forwarder does.
+                        let _ = self.engine.handle(Intent::DnsObserved(serving)).await;
+                    }
+                }
                 change = changes.next(), if watching => {
                     if change.is_none() {
                         tracing::warn!("netlink events stopped; the TUN's addresses and MTU are no longer followed");

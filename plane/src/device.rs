@@ -380,6 +380,7 @@ mod tests {
                         networks: Vec::new(),
                         mtu: 1420,
                     },
+                    dns_serving: Vec::new(),
                 }
                 .datapath()
             };

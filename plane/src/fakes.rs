@@ -211,6 +211,8 @@ pub struct Thread {
     pub port: Option<u16>,
     pub taken: BTreeSet<u16>,
     pub mtu: u32,
+    /// The DNS servers the route exchange offers, as last set.
+    pub offered_dns: Vec<std::net::IpAddr>,
     pub faults: Faults,
     /// Calls that asked for something (bind, install, apply).
     pub calls: u32,
@@ -252,10 +254,10 @@ impl Thread {
                 }
             }
             Step::SetMtu(mtu) => self.mtu = mtu,
-            Step::SetLocalAddress(_)
-            | Step::SetAdvertised(..)
-            | Step::SetMssClamp(..)
-            | Step::SetFwmark(_) => {}
+            Step::SetAdvertised(_, dns) => {
+                self.offered_dns = dns.map(|d| d.servers().collect()).unwrap_or_default();
+            }
+            Step::SetLocalAddress(_) | Step::SetMssClamp(..) | Step::SetFwmark(_) => {}
         }
     }
 }

@@ -52,6 +52,9 @@ pub enum Intent {
     },
     /// The kernel reported the TUN's addresses and MTU.
     LinkObserved(LinkState),
+    /// The DNS forwarder reported where it answers with an upstream to
+    /// ask (nowhere while it has none).
+    DnsObserved(Vec<IpAddr>),
     /// SIGHUP: the state files as they were just read.
     Reload {
         settings: Option<Settings>,
@@ -76,6 +79,7 @@ impl Intent {
             Intent::PeerRemove { .. } => "peer-remove",
             Intent::RoutesOffered { .. } => "routes-offered",
             Intent::LinkObserved(_) => "link-observed",
+            Intent::DnsObserved(_) => "dns-observed",
             Intent::Reload { .. } => "reload",
         }
     }
@@ -84,7 +88,10 @@ impl Intent {
     /// whole when a port it needs fails. Background intents (the kernel's
     /// and peers' reports) converge instead.
     pub fn is_request(&self) -> bool {
-        !matches!(self, Intent::RoutesOffered { .. } | Intent::LinkObserved(_))
+        !matches!(
+            self,
+            Intent::RoutesOffered { .. } | Intent::LinkObserved(_) | Intent::DnsObserved(_)
+        )
     }
 }
 
@@ -255,6 +262,19 @@ pub fn plan(current: &Desired, intent: Intent) -> Result<Planned, Error> {
             }
             next.link = link;
             (None, (!notes.is_empty()).then(|| notes.join("; ")))
+        }
+        Intent::DnsObserved(serving) => {
+            let offered = |d: &Desired| d.settings.dns_offer(&d.dns_serving).is_some();
+            let was = offered(&next);
+            next.dns_serving = serving;
+            let note = match (was, offered(&next)) {
+                (true, false) => Some(
+                    "the DNS forwarder cannot answer: no longer offered to clients".to_string(),
+                ),
+                (false, true) => Some("the DNS forwarder answers: offered to clients".to_string()),
+                _ => None,
+            };
+            (None, note)
         }
         Intent::Reload { settings, peers } => {
             reload(&mut next, settings, &peers)?;
@@ -670,6 +690,7 @@ mod tests {
                 networks: Vec::new(),
                 mtu: 1420,
             },
+            dns_serving: Vec::new(),
         }
     }
 

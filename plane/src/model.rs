@@ -4,6 +4,7 @@
 //! table, the TUN's addresses and routes, and the state files.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 
 use ipnet::IpNet;
 use vpcgate_node::mss::mss_for_mtu;
@@ -31,6 +32,10 @@ pub struct Desired {
     pub device: DeviceConfig,
     pub settings: Settings,
     pub link: LinkState,
+    /// Where the DNS forwarder answers with an upstream to ask, as it last
+    /// reported: the route exchange offers only these, so a gateway whose
+    /// forwarder cannot work does not take over its clients' names.
+    pub dns_serving: Vec<IpAddr>,
 }
 
 /// The state files' contents.
@@ -69,6 +74,7 @@ impl Desired {
             },
             device,
             settings,
+            dns_serving: Vec::new(),
         })
     }
 
@@ -195,7 +201,7 @@ impl Desired {
             mss: self.mss(),
             local_v4: self.settings.local_v4(),
             advertised: self.settings.advertised_routes.clone(),
-            advertised_dns: self.settings.dns_offer(),
+            advertised_dns: self.settings.dns_offer(&self.dns_serving),
         }
     }
 }
@@ -217,6 +223,7 @@ mod tests {
                 networks: vec!["100.65.0.0/24".parse().expect("cidr")],
                 mtu: 1420,
             },
+            dns_serving: Vec::new(),
         };
         let table = RouteTable::build(desired.forward_scope().into_iter().map(|n| (n, ())));
         for (addr, inside) in [

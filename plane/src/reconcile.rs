@@ -92,7 +92,7 @@ impl Gates {
     pub fn for_intent(intent: &Intent) -> Gates {
         match intent {
             Intent::RoutesOffered { .. } => Gates::LEARNED,
-            Intent::LinkObserved(_) => Gates::CONVERGE,
+            Intent::LinkObserved(_) | Intent::DnsObserved(_) => Gates::CONVERGE,
             _ => Gates::REQUEST,
         }
     }

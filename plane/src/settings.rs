@@ -105,11 +105,13 @@ impl Settings {
         }
     }
 
-    /// What the route exchange tells clients about the DNS forwarder:
-    /// `None` while it is off or has no address. Validation keeps the
+    /// What the route exchange tells clients about the DNS forwarder: the
+    /// addresses it should answer on that `serving` (what it reports)
+    /// says it does; `None` while there are none. Validation keeps the
     /// zones within what one offer carries, so nothing is lost here.
-    pub fn dns_offer(&self) -> Option<DnsOffer> {
-        let servers = self.dns_addresses();
+    pub fn dns_offer(&self, serving: &[IpAddr]) -> Option<DnsOffer> {
+        let mut servers = self.dns_addresses();
+        servers.retain(|a| serving.contains(a));
         if servers.is_empty() {
             return None;
         }

@@ -164,6 +164,8 @@ enum Gen {
         networks: Vec<usize>,
         mtu: u32,
     },
+    /// The forwarder answers on the first tunnel address, or nowhere.
+    DnsObserved(bool),
     Reload {
         mss_clamp: bool,
         drop_first: bool,
@@ -238,6 +240,7 @@ fn gen() -> impl Strategy<Value = Gen> {
             .prop_map(|(nets, dns)| Gen::RoutesOffered(nets, dns)),
         (nets(), prop_oneof![Just(1420u32), Just(1380)])
             .prop_map(|(networks, mtu)| Gen::LinkObserved { networks, mtu }),
+        any::<bool>().prop_map(Gen::DnsObserved),
         (any::<bool>(), any::<bool>()).prop_map(|(mss_clamp, drop_first)| Gen::Reload {
             mss_clamp,
             drop_first
@@ -353,6 +356,10 @@ fn bind(gen: Gen, pick: usize, desired: &Desired, files: &Files) -> Intent {
         Gen::LinkObserved { networks, mtu } => Intent::LinkObserved(LinkState {
             networks: networks.into_iter().map(|i| net(i).trunc()).collect(),
             mtu,
+        }),
+        Gen::DnsObserved(answers) => Intent::DnsObserved(match answers {
+            true => vec!["100.64.0.1".parse().expect("ip")],
+            false => Vec::new(),
         }),
         Gen::Reload {
             mss_clamp,
@@ -770,4 +777,41 @@ fn advertised_ranges_and_dns_zones_must_fit_one_route_message() {
     }))
     .is_err());
     assert_eq!(engine.desired().settings.advertised_routes.len(), 8);
+}
+
+#[test]
+fn dns_is_offered_only_while_the_forwarder_answers() {
+    let machine = Machine::boot(FakeStore::default());
+    let mut engine = machine.start();
+    block_on(engine.handle(Intent::Advertise {
+        routes: vec!["198.18.64.0/20".into()],
+        exit_node: false,
+    }))
+    .expect("advertise");
+    let offered = || machine.datapath.0.borrow().offered_dns.clone();
+    let gw: std::net::IpAddr = "100.64.0.1".parse().expect("ip");
+    assert!(
+        offered().is_empty(),
+        "the forwarder has not said it answers"
+    );
+    let serving = |engine: &mut TestEngine, list: Vec<std::net::IpAddr>| {
+        block_on(engine.handle(Intent::DnsObserved(list))).expect("background intent");
+    };
+    serving(&mut engine, vec![gw]);
+    assert_eq!(offered(), vec![gw]);
+    // Its upstreams ran out: clients stop sending it their names.
+    serving(&mut engine, Vec::new());
+    assert!(offered().is_empty());
+    // An address it answers on that the settings do not name is not ours
+    // to offer.
+    serving(&mut engine, vec!["100.64.0.9".parse().expect("ip")]);
+    assert!(offered().is_empty());
+    serving(&mut engine, vec![gw]);
+    assert_eq!(offered(), vec![gw]);
+    block_on(engine.handle(Intent::Set(SetOptions {
+        dns: Some(false),
+        ..SetOptions::default()
+    })))
+    .expect("dns off");
+    assert!(offered().is_empty(), "off in the settings: never offered");
 }

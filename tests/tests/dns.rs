@@ -7,6 +7,8 @@
 //! psql. dig, a client we did not write, checks truncation and TCP, and
 //! that nobody outside the tunnel gets an answer.
 
+use std::io::Write;
+use std::net::{TcpStream, UdpSocket};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -17,6 +19,7 @@ use vpcgate_e2e::{
 /// The VPC's resolver: AWS puts it at the VPC's base address + 2.
 const RESOLVER: &str = "198.18.64.2";
 const ZONE: &str = "db.internal.example";
+const FLOOD_ZONE: &str = "flood.db.internal.example";
 const DB_NAME: &str = "cluster0.db.internal.example";
 /// A name with so many addresses that its answer needs more than 512 bytes.
 const BIG_NAME: &str = "big.db.internal.example";
@@ -64,6 +67,9 @@ impl Resolver {
             format!("--addn-hosts={}", hosts.display()),
             format!("--local-ttl={TTL}"),
             format!("--local=/{ZONE}/"),
+            // Every name under it has the database's address: a flood of
+            // unique names whose every answer can be cached.
+            format!("--address=/{FLOOD_ZONE}/{DB}"),
             // No cache of its own: every query it gets is counted.
             "--cache-size=0".into(),
             "--log-queries".into(),
@@ -537,6 +543,146 @@ fn repeated_queries_reach_the_resolver_once_per_ttl_and_others_are_answered() {
     );
 }
 
+/// Queries the flood must deliver to the forwarder, whatever the tunnel
+/// drops on the way.
+const FLOOD_QUERIES: u64 = 50_000;
+/// What the flood may add to the gateway's peak memory: the cache's 4 MiB
+/// budget, the query and reply queues (1,024 each, of at most 4 KiB), 256
+/// queries in flight and 64 TCP connections' buffers, with room for the
+/// allocator. The smallest VM has 512 MiB.
+const FLOOD_GROWTH_LIMIT: u64 = 24 << 20;
+
+/// VmRSS and VmHWM (the peak) of a process, in bytes.
+fn memory(pid: i32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).or_die("proc status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().strip_suffix("kB"))
+            .and_then(|kb| kb.trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// A query for `name` (type A, RD, no EDNS) with ID `id`.
+fn wire_query(id: u16, name: &str) -> Vec<u8> {
+    let mut q = Vec::with_capacity(64);
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+#[test]
+fn a_query_flood_leaves_the_gateways_memory_bounded() {
+    let mut s = site();
+    let _q = up_client(&s, "laptop", &s.g.net.client);
+    first_answer(&s.g.net.client);
+    let pid = s.g.gateway.dev.process().pid();
+    let (before, _) = memory(pid);
+    let dns_status = |s: &Site| {
+        let json = s.g.gateway.ctl.run(&["status", "--json"]).or_die("status");
+        let json: serde_json::Value = serde_json::from_str(&json).or_die("status JSON");
+        json["dns"].clone()
+    };
+    let queries = |s: &Site| {
+        dns_status(s)["queries"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("the gateway's forwarder is off"))
+    };
+    let start = queries(&s);
+    let client = s.g.net.client.clone();
+    // Unique names, in rounds of 2,000 sent back to back, until the
+    // forwarder has counted enough of them: how many the tunnel drops on
+    // the way changes only how many rounds it takes.
+    let mut sent: u64 = 0;
+    let mut answered: u64 = 0;
+    while queries(&s) - start < FLOOD_QUERIES {
+        assert!(
+            sent < FLOOD_QUERIES * 20,
+            "{sent} queries sent, only {} reached the forwarder",
+            queries(&s) - start
+        );
+        let round = sent;
+        let ns = client.clone();
+        let got = std::thread::spawn(move || {
+            ns.enter_current_thread().or_die("client namespace");
+            let sock = UdpSocket::bind("0.0.0.0:0").or_die("bind");
+            sock.connect((GW_DNS, 53)).or_die("connect");
+            for i in round..round + 2000 {
+                let name = format!("q{i}.{FLOOD_ZONE}");
+                // A full socket buffer drops it, as the tunnel might.
+                let _ = sock.send(&wire_query(i as u16, &name));
+            }
+            // Whatever came back by now; the count is only reported.
+            sock.set_read_timeout(Some(Duration::from_millis(200)))
+                .or_die("timeout");
+            let mut buf = [0u8; 4096];
+            let mut got = 0u64;
+            while sock.recv(&mut buf).is_ok() {
+                got += 1;
+            }
+            got
+        })
+        .join()
+        .expect("flood thread");
+        sent += 2000;
+        answered += got;
+    }
+    // Then more TCP connections than it takes, each writing pipelined
+    // queries and reading nothing back.
+    let ns = client.clone();
+    std::thread::spawn(move || {
+        ns.enter_current_thread().or_die("client namespace");
+        let mut conns = Vec::new();
+        for c in 0..80u16 {
+            let Ok(mut conn) = TcpStream::connect((GW_DNS, 53)) else {
+                continue;
+            };
+            conn.set_write_timeout(Some(Duration::from_secs(2)))
+                .or_die("timeout");
+            let mut frames = Vec::new();
+            for i in 0..200u16 {
+                let q = wire_query(i, &format!("t{c}-{i}.{FLOOD_ZONE}"));
+                frames.extend_from_slice(&(q.len() as u16).to_be_bytes());
+                frames.extend_from_slice(&q);
+            }
+            // A forwarder that stops reading (its per-connection bound
+            // on replies not yet written) makes this time out: expected.
+            let _ = conn.write_all(&frames);
+            conns.push(conn);
+        }
+        conns.len()
+    })
+    .join()
+    .expect("tcp flood thread");
+    let (after, peak) = memory(pid);
+    let dns = dns_status(&s);
+    eprintln!(
+        "dns flood: {} UDP queries sent, {} counted by the forwarder, {answered} answers read; \
+         RSS {:.1} MiB before, {:.1} MiB after, peak {:.1} MiB; cache {} entries",
+        sent,
+        queries(&s) - start,
+        before as f64 / 1048576.0,
+        after as f64 / 1048576.0,
+        peak as f64 / 1048576.0,
+        dns["cache_entries"],
+    );
+    assert!(
+        peak.saturating_sub(before) <= FLOOD_GROWTH_LIMIT,
+        "the flood took the gateway from {before} to a peak of {peak} bytes"
+    );
+    // And it still answers, once the flooding peer's rate has refilled.
+    first_answer(&s.g.net.client);
+}
+
 /// Sends N queries for NAME to SERVER over UDP, with up to 64 outstanding,
 /// and prints how many were answered.
 const FLOOD: &str = r#"
@@ -696,6 +842,26 @@ fn a_vpcgate_client_gets_split_dns_from_its_gateway_and_loses_it_with_the_gatewa
     let json: serde_json::Value = serde_json::from_str(&json).or_die("status JSON");
     assert_eq!(json["link_dns"]["applied"], true, "{json}");
     assert_eq!(json["link_dns"]["servers"][0], GW_DNS, "{json}");
+
+    // The gateway's VM loses its resolver: its forwarder has nowhere to
+    // forward, so it stops offering itself, and the laptop's names go back
+    // to the laptop's own resolver. The resolver back, so is the offer.
+    s.g.net
+        .gw
+        .set_resolv_conf("# no name server\n")
+        .or_die("gateway without a resolver");
+    wait_until(LEARN, "the offer to be withdrawn with the upstream", || {
+        Ok(resolved.link(&link).is_none())
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\nresolvectl calls:\n{}", resolved.calls()));
+    s.g.net
+        .gw
+        .set_resolv_conf(&format!("nameserver {RESOLVER}\n"))
+        .or_die("gateway resolver back");
+    wait_until(LEARN, "the offer to come back with the upstream", || {
+        Ok(resolved.link(&link).as_ref() == Some(&zones_only))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\nresolvectl calls:\n{}", resolved.calls()));
 
     // The gateway turns DNS off: the link's DNS goes. On again, it is back.
     gctl.run(&["set", "--dns", "off"]).or_die("dns off");

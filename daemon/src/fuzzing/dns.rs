@@ -304,7 +304,11 @@ fn well_formed_query(input: &mut Bytes) -> Vec<u8> {
     let mut wire = Vec::with_capacity(64);
     wire.extend_from_slice(&input.u16().to_be_bytes());
     // QR clear, RD; opcode QUERY, or STATUS one time in eight.
-    let opcode = if input.byte().is_multiple_of(8) { 2 << 3 } else { 0 };
+    let opcode = if input.byte().is_multiple_of(8) {
+        2 << 3
+    } else {
+        0
+    };
     wire.extend_from_slice(&[opcode | 0x01, 0x00, 0, 1, 0, 0, 0, 0]);
     let edns = input.u16();
     wire.extend_from_slice(&[0, u8::from(edns != 0)]);
