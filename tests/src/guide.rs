@@ -862,26 +862,34 @@ impl Guide {
     /// The network with vpcgated running on the gateway at 100.64.0.1/24,
     /// nothing set through the CLI yet.
     pub fn with_unconfigured_gateway() -> Result<Guide> {
-        Guide::start_gateway(GuideNet::new()?, GW_TUNNEL_ADDR)
+        Guide::start_gateway(GuideNet::new()?, GW_TUNNEL_ADDR, &[])
     }
 
     /// The dual-stack network with vpcgated running on the gateway at
     /// [`GW_TUNNEL_ADDRS_DUAL`], nothing set through the CLI yet.
     pub fn dual_stack_with_unconfigured_gateway() -> Result<Guide> {
-        Guide::start_gateway(GuideNet::new_dual_stack()?, GW_TUNNEL_ADDRS_DUAL)
+        Guide::start_gateway(GuideNet::new_dual_stack()?, GW_TUNNEL_ADDRS_DUAL, &[])
     }
 
     /// The gateway started and configured on `net`, which the caller may
     /// have extended first (a resolver in the VPC, say).
     pub fn on(net: GuideNet) -> Result<Guide> {
-        let g = Guide::start_gateway(net, GW_TUNNEL_ADDR)?;
+        Guide::on_with(net, &[])
+    }
+
+    /// As [`Guide::on`], with more arguments for the gateway's vpcgated
+    /// (`--metrics-listen 127.0.0.1:9586`, say).
+    pub fn on_with(net: GuideNet, args: &[&str]) -> Result<Guide> {
+        let g = Guide::start_gateway(net, GW_TUNNEL_ADDR, args)?;
         g.configure_gateway()?;
         Ok(g)
     }
 
-    fn start_gateway(net: GuideNet, address: &str) -> Result<Guide> {
-        let dev = WgDev::vpcgated(&net.gw, "g", &VpcgatedConfig::new(GW_PORT, address))
-            .context("starting vpcgated on the gateway")?;
+    fn start_gateway(net: GuideNet, address: &str, args: &[&str]) -> Result<Guide> {
+        let mut cfg = VpcgatedConfig::new(GW_PORT, address);
+        cfg.extra_args = args.iter().map(|a| a.to_string()).collect();
+        let dev =
+            WgDev::vpcgated(&net.gw, "g", &cfg).context("starting vpcgated on the gateway")?;
         let ctl = Vpcgate::for_dev(&dev)?;
         let public_key = dev.public_key()?;
         Ok(Guide {

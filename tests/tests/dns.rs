@@ -20,6 +20,8 @@ use vpcgate_e2e::{
 const RESOLVER: &str = "198.18.64.2";
 const ZONE: &str = "db.internal.example";
 const FLOOD_ZONE: &str = "flood.db.internal.example";
+/// The gateway's metrics, on its own loopback.
+const METRICS_PORT: u16 = 9586;
 const DB_NAME: &str = "cluster0.db.internal.example";
 /// A name with so many addresses that its answer needs more than 512 bytes.
 const BIG_NAME: &str = "big.db.internal.example";
@@ -263,7 +265,11 @@ fn site() -> Site {
         .set_resolv_conf(&format!("nameserver {RESOLVER}\n"))
         .or_die("gateway resolv.conf");
     let db = Database::start(&net.db);
-    let g = Guide::on(net).or_die("gateway");
+    let g = Guide::on_with(
+        net,
+        &["--metrics-listen", &format!("127.0.0.1:{METRICS_PORT}")],
+    )
+    .or_die("gateway");
     Site {
         g,
         resolver,
@@ -665,6 +671,30 @@ fn a_query_flood_leaves_the_gateways_memory_bounded() {
     .expect("tcp flood thread");
     let (after, peak) = memory(pid);
     let dns = dns_status(&s);
+    // The metrics say what happened: every counted query, by transport,
+    // and the flood's excess dropped as over the peer's rate.
+    let metrics = vpcgate_e2e::raw_request(
+        &s.g.net.gw,
+        METRICS_PORT,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    let metric = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in the metrics:\n{metrics}"))
+    };
+    let udp = metric("vpcgate_dns_queries_total{transport=\"udp\"}");
+    let tcp = metric("vpcgate_dns_queries_total{transport=\"tcp\"}");
+    // Status, read after, counts at least as many (TCP connections may
+    // still be read from).
+    assert!(udp + tcp <= queries(&s), "metrics and status disagree");
+    assert!(udp.saturating_sub(start) >= FLOOD_QUERIES, "{metrics}");
+    assert!(
+        metric("vpcgate_dns_results_total{result=\"rate_limited\"}") > 0,
+        "one peer's flood of new names goes past its upstream rate:\n{metrics}"
+    );
+    assert!(metric("vpcgate_dns_cache_entries") > 0, "{metrics}");
     eprintln!(
         "dns flood: {} UDP queries sent, {} counted by the forwarder, {answered} answers read; \
          RSS {:.1} MiB before, {:.1} MiB after, peak {:.1} MiB; cache {} entries",
