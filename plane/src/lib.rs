@@ -19,6 +19,7 @@
 pub mod datapath;
 pub mod device;
 pub mod errno;
+pub mod failover;
 #[cfg(any(test, feature = "fakes"))]
 pub mod fakes;
 pub mod intent;
