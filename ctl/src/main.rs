@@ -120,6 +120,10 @@ struct SetArgs {
     /// comma-separated, e.g. mongodb.net,eventstore.cloud; `none` for none.
     #[arg(long, value_name = "ZONE[,ZONE]|none")]
     dns_zones: Option<String>,
+    /// This gateway's priority for clients that have two or more gateways
+    /// for a range: the lowest healthy one carries it (default 100).
+    #[arg(long, value_name = "N")]
+    priority: Option<u16>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -475,6 +479,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 dns: args.dns,
                 dns_upstream: args.dns_upstream.map(|a| vec![a]),
                 dns_zones: args.dns_zones.map(|a| vec![a]),
+                priority: args.priority,
             };
             match request(socket, &Request::Set(options))? {
                 Response::Done { message } => report(&message, json)?,

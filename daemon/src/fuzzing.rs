@@ -382,7 +382,7 @@ fn assert_advertisable(routes: &[IpNet]) {
     assert!(routes.len() <= MAX_ROUTES);
     let (gateway, client) = (Ipv4Addr::new(100, 64, 0, 1), Ipv4Addr::new(100, 64, 0, 2));
     let mut buf = [0u8; MAX_PACKET];
-    let Some(n) = routes_msg::build_routes(gateway, client, 7, routes, None, &mut buf) else {
+    let Some(n) = routes_msg::build_routes(gateway, client, 7, routes, None, 100, &mut buf) else {
         panic!(
             "{} validated routes do not fit an advertisement",
             routes.len()
@@ -491,13 +491,27 @@ pub fn routes_msg(data: &[u8]) {
             if routes_msg::encoded_len(&routes, dns) > MAX_PACKET {
                 // A receiver takes whatever one datagram holds; a sender
                 // writes only what never needs fragmenting.
-                assert!(
-                    routes_msg::build_routes(src, local, 1, &routes, dns, &mut [0; 65536])
-                        .is_none()
-                );
+                assert!(routes_msg::build_routes(
+                    src,
+                    local,
+                    1,
+                    &routes,
+                    dns,
+                    set.priority,
+                    &mut [0; 65536]
+                )
+                .is_none());
                 return;
             }
-            routes_msg::build_routes(src, local, set.generation, &routes, dns, &mut buf)
+            routes_msg::build_routes(
+                src,
+                local,
+                set.generation,
+                &routes,
+                dns,
+                set.priority,
+                &mut buf,
+            )
         }
     };
     let Some(n) = built else {

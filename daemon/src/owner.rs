@@ -100,6 +100,18 @@ impl Owner {
                     None => futures::future::pending().await,
                 }
             };
+            // When a silent gateway is due to be taken for dead, or a
+            // better one's hold-down ends.
+            let failover_at = self
+                .desired()
+                .choice
+                .next_deadline(std::time::Instant::now());
+            let failover = async {
+                match failover_at {
+                    Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+                    None => futures::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); return Ok(Exit::Signal) }
                 _ = int.recv() => { tracing::info!("SIGINT: shutting down"); return Ok(Exit::Signal) }
@@ -119,8 +131,16 @@ impl Owner {
                 })),
                 Some(call) = calls.recv() => self.call(call).await,
                 Some(event) = events.recv() => match event {
-                    Event::RoutesLearned { peer, routes, dns } => self.routes_learned(peer, routes, dns).await,
+                    Event::RoutesLearned { peer, routes, dns, priority, at } => {
+                        self.routes_learned(peer, routes, dns, priority, at).await
+                    }
+                    Event::RoutesHeard { peer, priority, at } => {
+                        let _ = self.engine.handle(Intent::RoutesHeard { peer, priority, at }).await;
+                    }
                 },
+                () = failover => {
+                    let _ = self.engine.handle(Intent::FailoverTick(std::time::Instant::now())).await;
+                }
                 Ok(()) = dns_serving.changed() => {
                     let serving = dns_serving.borrow_and_update().clone();
                     if serving != self.desired().dns_serving {
@@ -341,7 +361,9 @@ impl Owner {
         &mut self,
         peer: PeerHandle,
         routes: Vec<ipnet::IpNet>,
-        dns: Option<crate::core::routes_msg::DnsOffer>,
+        dns: Option<Box<crate::core::routes_msg::DnsOffer>>,
+        priority: u16,
+        at: std::time::Instant,
     ) {
         if !self
             .desired()
@@ -362,8 +384,10 @@ impl Owner {
         let intent = Intent::RoutesOffered {
             peer,
             routes,
-            dns: dns.map(Box::new),
+            dns,
             local,
+            priority,
+            at,
         };
         if let Err(e) = self.engine.handle(intent).await {
             tracing::error!("cannot save learned routes, not applying them: {e}");

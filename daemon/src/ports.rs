@@ -147,6 +147,7 @@ impl DatapathPort {
                 Step::SetRouteSource(handle, source) => Change::SetRouteSource(handle, source),
                 Step::SetLocalAddress(address) => Change::SetLocalAddress(address),
                 Step::SetAdvertised(routes, dns) => Change::SetAdvertised(routes, dns),
+                Step::SetPriority(priority) => Change::SetPriority(priority),
                 Step::SetMssClamp(v4, v6) => Change::SetMssClamp(v4, v6),
                 Step::SetMtu(mtu) => {
                     self.flush(&mut changes);

@@ -317,6 +317,7 @@ fn control_seeds() -> Seeds {
                 dns: Some(true),
                 dns_upstream: Some(vec!["198.18.64.2".into(), "fd00:64::53".into()]),
                 dns_zones: Some(vec!["mongodb.net".into(), "internal.example".into()]),
+                priority: Some(50),
             }),
         ),
         (
@@ -573,7 +574,7 @@ fn routes_msg_seeds() -> Seeds {
         ),
     ];
     for (i, (name, routes)) in sets.into_iter().enumerate() {
-        let n = routes_msg::build_routes(gateway, laptop, 1 + i as u64, &routes, None, &mut buf)
+        let n = routes_msg::build_routes(gateway, laptop, 1 + i as u64, &routes, None, 100, &mut buf)
             .expect("routes fit");
         seeds.push((name.into(), buf[..n].to_vec()));
     }
@@ -588,6 +589,7 @@ fn routes_msg_seeds() -> Seeds {
         9,
         &[net("198.18.64.0/20")],
         Some(&offer),
+        50,
         &mut buf,
     )
     .expect("routes and DNS fit");

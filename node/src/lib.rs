@@ -13,6 +13,7 @@
 //! writer.
 
 mod limiter;
+mod messages;
 pub mod mss;
 pub mod packet;
 pub mod routes_msg;
@@ -35,6 +36,7 @@ use boringtun::x25519::{PublicKey, StaticSecret};
 use zeroize::Zeroizing;
 
 use limiter::SourceLimiter;
+pub use messages::{Change, Event};
 use packet::IpPacket;
 pub use table::RouteTable;
 
@@ -284,39 +286,6 @@ pub struct PeerSpec {
     pub stats: Arc<PeerStats>,
 }
 
-/// Something the control plane must act on.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
-    /// A trusted peer advertised a new set of routes.
-    RoutesLearned {
-        peer: PeerHandle,
-        routes: Vec<ipnet::IpNet>,
-        /// Its DNS forwarder, if it offers one.
-        dns: Option<routes_msg::DnsOffer>,
-    },
-}
-
-/// A change from the control plane. Each is applied whole, between batches.
-pub enum Change {
-    SetPrivateKey(Option<StaticSecret>),
-    /// Adds the peer, or replaces the one with this handle (new session state).
-    UpsertPeer(PeerSpec),
-    RemovePeer(PeerHandle),
-    SetEndpoint(PeerHandle, SocketAddr),
-    /// This local address can no longer send (it was removed): peers whose
-    /// replies left from it fall back to the kernel's choice.
-    LocalAddressGone(IpAddr),
-    SetKeepalive(PeerHandle, u16),
-    SetRouteSource(PeerHandle, Option<Ipv4Addr>),
-    /// Our own tunnel IPv4 address: the source of route messages, and where
-    /// peers send route requests.
-    SetLocalAddress(Option<Ipv4Addr>),
-    /// The routes and the DNS forwarder advertised to peers that ask.
-    SetAdvertised(Vec<ipnet::IpNet>, Option<Box<routes_msg::DnsOffer>>),
-    /// Largest TCP MSS for IPv4 and IPv6 SYNs crossing the tunnel; 0 = off.
-    SetMssClamp(u16, u16),
-}
-
 struct Identity {
     secret: StaticSecret,
     public: PublicKey,
@@ -405,6 +374,7 @@ pub struct Node {
     local_v4: Option<Ipv4Addr>,
     advertised: Vec<ipnet::IpNet>,
     advertised_dns: Option<routes_msg::DnsOffer>,
+    priority: u16,
     /// Changes with every advertised set, so receivers can skip repeats.
     advertised_generation: u64,
     mss: (u16, u16),
@@ -431,6 +401,7 @@ impl Node {
             local_v4: None,
             advertised: Vec::new(),
             advertised_dns: None,
+            priority: routes_msg::DEFAULT_PRIORITY,
             advertised_generation: 0,
             mss: (0, 0),
             wall_at: (now, UNIX_EPOCH),
@@ -497,6 +468,7 @@ impl Node {
                 self.advertised_generation = self.advertised_generation.wrapping_add(1);
             }
             Change::SetMssClamp(v4, v6) => self.mss = (v4, v6),
+            Change::SetPriority(priority) => self.priority = priority,
         }
     }
 
@@ -741,15 +713,24 @@ impl Node {
                         }
                         Some((_, Ok(routes_msg::Message::Routes(set)))) => {
                             // Only a peer we trust for routes is listened to.
-                            if peer.route_source.is_some()
-                                && peer.routes_generation != Some(set.generation)
-                            {
-                                peer.routes_generation = Some(set.generation);
-                                self.events.push(Event::RoutesLearned {
-                                    peer: peer.handle,
-                                    routes: set.routes().collect(),
-                                    dns: set.dns,
-                                });
+                            if peer.route_source.is_some() {
+                                let (priority, at) = (set.priority, now);
+                                if peer.routes_generation != Some(set.generation) {
+                                    peer.routes_generation = Some(set.generation);
+                                    self.events.push(Event::RoutesLearned {
+                                        peer: peer.handle,
+                                        routes: set.routes().collect(),
+                                        dns: set.dns.map(Box::new),
+                                        priority,
+                                        at,
+                                    });
+                                } else {
+                                    self.events.push(Event::RoutesHeard {
+                                        peer: peer.handle,
+                                        priority,
+                                        at,
+                                    });
+                                }
                             }
                         }
                         Some((_, Err(()))) => counters.add(DropReason::Malformed),
@@ -799,6 +780,7 @@ impl Node {
                 self.advertised_generation,
                 &self.advertised,
                 self.advertised_dns.as_ref(),
+                self.priority,
                 &mut self.control_buf[..],
             ) else {
                 return;

@@ -30,6 +30,11 @@
 //! No zones means every name. Receivers that predate the flag read the
 //! entries and ignore what follows them, so the section needs no new
 //! version.
+//!
+//! Every advertisement this version writes sets flag [`FLAG_PRIORITY`] and
+//! ends with the gateway's priority, a u16 (lower is preferred; clients
+//! choose among gateways that offer the same range by it). One without
+//! the flag, from an older gateway, has [`DEFAULT_PRIORITY`].
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
@@ -40,7 +45,12 @@ use crate::packet::IpPacket;
 
 /// UDP port the exchange uses on tunnel addresses.
 pub const PORT: u16 = 51819;
-pub const POLL_INTERVAL: Duration = Duration::from_secs(2);
+/// Each answer also tells the client its gateway is alive, so this sets
+/// how soon a dead one is noticed: a client takes a gateway for dead after
+/// 2.5 polls without an answer, which allows one lost reply and still moves
+/// traffic within 3 s. Idle, that costs two small datagrams a second per
+/// gateway.
+pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// At most this many advertised prefixes: 64 IPv6 entries still fit one
 /// datagram well under the 1280-byte IPv6 minimum MTU.
 pub const MAX_ROUTES: usize = 64;
@@ -55,6 +65,10 @@ const UDP_HEADER: usize = 8;
 
 /// The advertisement carries a DNS section.
 pub const FLAG_DNS: u8 = 1;
+/// The advertisement ends with the gateway's priority.
+pub const FLAG_PRIORITY: u8 = 2;
+/// A gateway's priority when it sets none (`vpcgate set --priority`).
+pub const DEFAULT_PRIORITY: u16 = 100;
 /// At most this many DNS servers in an offer (the gateway's tunnel
 /// addresses).
 pub const MAX_DNS_SERVERS: usize = 4;
@@ -75,6 +89,7 @@ pub struct RouteSet {
     count: usize,
     entries: [Option<IpNet>; MAX_ROUTES],
     pub dns: Option<DnsOffer>,
+    pub priority: u16,
 }
 
 impl RouteSet {
@@ -191,7 +206,7 @@ pub fn encoded_len(routes: &[IpNet], dns: Option<&DnsOffer>) -> usize {
         .iter()
         .map(|r| if r.addr().is_ipv4() { 6 } else { 18 })
         .sum();
-    IPV4_HEADER + UDP_HEADER + HEADER + entries + dns.map_or(0, DnsOffer::encoded_len)
+    IPV4_HEADER + UDP_HEADER + HEADER + entries + dns.map_or(0, DnsOffer::encoded_len) + 2
 }
 
 // A message lives on the stack for the moment it is handled; boxing the
@@ -250,6 +265,7 @@ fn parse(payload: &[u8]) -> Result<Message, ()> {
                 count,
                 entries: [None; MAX_ROUTES],
                 dns: None,
+                priority: DEFAULT_PRIORITY,
             };
             let mut rest = &payload[HEADER..];
             for slot in set.entries.iter_mut().take(count) {
@@ -279,7 +295,13 @@ fn parse(payload: &[u8]) -> Result<Message, ()> {
                 rest = tail;
             }
             if header[6] & FLAG_DNS != 0 {
-                set.dns = Some(parse_dns(rest)?);
+                let (dns, tail) = parse_dns(rest)?;
+                set.dns = Some(dns);
+                rest = tail;
+            }
+            if header[6] & FLAG_PRIORITY != 0 {
+                let (bytes, _) = rest.split_first_chunk::<2>().ok_or(())?;
+                set.priority = u16::from_be_bytes(*bytes);
             }
             Ok(Message::Routes(set))
         }
@@ -287,7 +309,8 @@ fn parse(payload: &[u8]) -> Result<Message, ()> {
     }
 }
 
-fn parse_dns(section: &[u8]) -> Result<DnsOffer, ()> {
+/// The DNS section at the start of `section`, and what follows it.
+fn parse_dns(section: &[u8]) -> Result<(DnsOffer, &[u8]), ()> {
     let (&count, mut rest) = section.split_first().ok_or(())?;
     let count = usize::from(count);
     if count == 0 || count > MAX_DNS_SERVERS {
@@ -330,12 +353,12 @@ fn parse_dns(section: &[u8]) -> Result<DnsOffer, ()> {
         offer.zones_len = end;
         rest = tail;
     }
-    Ok(offer)
+    Ok((offer, rest))
 }
 
 /// Writes a request from `src` to `dst` into `out`; returns its length.
 pub fn build_request(src: Ipv4Addr, dst: Ipv4Addr, out: &mut [u8]) -> Option<usize> {
-    build(src, dst, TYPE_REQUEST, 0, &[], None, out)
+    build(src, dst, None, out)
 }
 
 /// Writes an advertisement of `routes` (at most [`MAX_ROUTES`]) and `dns`
@@ -346,21 +369,41 @@ pub fn build_routes(
     generation: u64,
     routes: &[IpNet],
     dns: Option<&DnsOffer>,
+    priority: u16,
     out: &mut [u8],
 ) -> Option<usize> {
-    build(src, dst, TYPE_ROUTES, generation, routes, dns, out)
+    let advertisement = Advertisement {
+        generation,
+        routes,
+        dns,
+        priority,
+    };
+    build(src, dst, Some(&advertisement), out)
 }
 
+/// What an advertisement says, for [`build`].
+struct Advertisement<'a> {
+    generation: u64,
+    routes: &'a [IpNet],
+    dns: Option<&'a DnsOffer>,
+    priority: u16,
+}
+
+/// A request with `None`, else an advertisement.
 fn build(
     src: Ipv4Addr,
     dst: Ipv4Addr,
-    kind: u8,
-    generation: u64,
-    routes: &[IpNet],
-    dns: Option<&DnsOffer>,
+    advertisement: Option<&Advertisement>,
     out: &mut [u8],
 ) -> Option<usize> {
-    let total = encoded_len(routes, dns);
+    let (kind, generation, routes, dns) = match advertisement {
+        Some(a) => (TYPE_ROUTES, a.generation, a.routes, a.dns),
+        None => (TYPE_REQUEST, 0, &[][..], None),
+    };
+    let total = match advertisement {
+        Some(_) => encoded_len(routes, dns),
+        None => IPV4_HEADER + UDP_HEADER + HEADER,
+    };
     if routes.len() > MAX_ROUTES || total > MAX_PACKET {
         return None;
     }
@@ -385,7 +428,11 @@ fn build(
     payload[..4].copy_from_slice(MAGIC);
     payload[4] = VERSION;
     payload[5] = kind;
-    payload[6] = if dns.is_some() { FLAG_DNS } else { 0 };
+    payload[6] = match (advertisement, dns) {
+        (None, _) => 0,
+        (Some(_), Some(_)) => FLAG_DNS | FLAG_PRIORITY,
+        (Some(_), None) => FLAG_PRIORITY,
+    };
     payload[7] = routes.len() as u8;
     payload[8..16].copy_from_slice(&generation.to_be_bytes());
     let mut at = HEADER;
@@ -425,6 +472,10 @@ fn build(
         payload[at] = dns.zones().count() as u8;
         at += 1;
         payload[at..at + dns.zones_len].copy_from_slice(&dns.zones[..dns.zones_len]);
+        at += dns.zones_len;
+    }
+    if let Some(a) = advertisement {
+        payload[at..at + 2].copy_from_slice(&a.priority.to_be_bytes());
     }
     Some(total)
 }
@@ -472,7 +523,7 @@ mod tests {
             "0.0.0.0/0",
         ]);
         let mut buf = [0u8; MAX_PACKET];
-        let n = build_routes(GW, LAPTOP, 42, &routes, None, &mut buf).expect("fits");
+        let n = build_routes(GW, LAPTOP, 42, &routes, None, 100, &mut buf).expect("fits");
         let Some((src, Ok(Message::Routes(set)))) = intercept(&buf[..n], LAPTOP) else {
             panic!("not intercepted");
         };
@@ -480,6 +531,37 @@ mod tests {
         assert_eq!(set.generation, 42);
         assert_eq!(set.routes().collect::<Vec<_>>(), routes);
         assert_eq!(set.dns, None);
+    }
+
+    #[test]
+    fn the_priority_follows_the_entries_and_the_dns_section() {
+        let routes = nets(&["198.18.64.0/20"]);
+        let offer = DnsOffer::new(&[GW.into()], &["mongodb.net"]).expect("valid");
+        for dns in [None, Some(&offer)] {
+            let mut buf = [0u8; MAX_PACKET];
+            let n = build_routes(GW, LAPTOP, 3, &routes, dns, 50, &mut buf).expect("fits");
+            assert_eq!(n, encoded_len(&routes, dns));
+            let Some((_, Ok(Message::Routes(set)))) = intercept(&buf[..n], LAPTOP) else {
+                panic!("not intercepted");
+            };
+            assert_eq!((set.priority, set.dns.is_some()), (50, dns.is_some()));
+            // From a gateway before priorities: the default.
+            let mut old = buf;
+            old[28 + 6] &= !FLAG_PRIORITY;
+            let Some((_, Ok(Message::Routes(set)))) = intercept(&old[..n], LAPTOP) else {
+                panic!("not intercepted");
+            };
+            assert_eq!(set.priority, DEFAULT_PRIORITY);
+            // One byte short, with the IP and UDP lengths to match: the
+            // flag promises a priority that is not there, so it is refused.
+            let mut short = buf;
+            short[2..4].copy_from_slice(&((n - 1) as u16).to_be_bytes());
+            short[24..26].copy_from_slice(&((n - 21) as u16).to_be_bytes());
+            assert_eq!(
+                intercept(&short[..n - 1], LAPTOP).map(|(_, m)| m.is_ok()),
+                Some(false)
+            );
+        }
     }
 
     #[test]
@@ -492,7 +574,8 @@ mod tests {
         ] {
             let offer = DnsOffer::new(&servers, zones).expect("valid");
             let mut buf = [0u8; MAX_PACKET];
-            let n = build_routes(GW, LAPTOP, 7, &routes, Some(&offer), &mut buf).expect("fits");
+            let n =
+                build_routes(GW, LAPTOP, 7, &routes, Some(&offer), 100, &mut buf).expect("fits");
             assert_eq!(n, encoded_len(&routes, Some(&offer)));
             let Some((_, Ok(Message::Routes(set)))) = intercept(&buf[..n], LAPTOP) else {
                 panic!("not intercepted");
@@ -565,8 +648,8 @@ mod tests {
         let offer = DnsOffer::new(&[gw], &refs).expect("valid");
         assert!(encoded_len(&routes, Some(&offer)) > MAX_PACKET);
         let mut buf = [0u8; 2048];
-        assert!(build_routes(GW, LAPTOP, 1, &routes, Some(&offer), &mut buf).is_none());
-        assert!(build_routes(GW, LAPTOP, 1, &routes, None, &mut buf).is_some());
+        assert!(build_routes(GW, LAPTOP, 1, &routes, Some(&offer), 100, &mut buf).is_none());
+        assert!(build_routes(GW, LAPTOP, 1, &routes, None, 100, &mut buf).is_some());
     }
 
     #[test]
@@ -577,11 +660,21 @@ mod tests {
                 IpNet::V4(ipnet::Ipv4Net::new(Ipv4Addr::new(198, 18, i as u8, 0), 24).expect("net"))
             })
             .collect();
-        assert!(build_routes(GW, LAPTOP, 1, &too_many, None, &mut buf).is_none());
-        assert!(build_routes(GW, LAPTOP, 1, &too_many[..MAX_ROUTES], None, &mut buf).is_some());
+        assert!(build_routes(GW, LAPTOP, 1, &too_many, None, 100, &mut buf).is_none());
+        assert!(
+            build_routes(GW, LAPTOP, 1, &too_many[..MAX_ROUTES], None, 100, &mut buf).is_some()
+        );
 
-        let n =
-            build_routes(GW, LAPTOP, 1, &nets(&["198.18.64.0/20"]), None, &mut buf).expect("fits");
+        let n = build_routes(
+            GW,
+            LAPTOP,
+            1,
+            &nets(&["198.18.64.0/20"]),
+            None,
+            100,
+            &mut buf,
+        )
+        .expect("fits");
         let payload = 28;
         for (offset, value) in [
             (payload + 4, 9u8), // version

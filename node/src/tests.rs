@@ -580,7 +580,11 @@ type Learned = (Vec<String>, Option<(Vec<String>, Vec<String>)>);
 fn learned_with_dns(host: &mut Host) -> Vec<Learned> {
     host.node
         .drain_events()
-        .map(|Event::RoutesLearned { routes, dns, .. }| {
+        .filter_map(|event| match event {
+            Event::RoutesLearned { routes, dns, .. } => Some((routes, dns)),
+            Event::RoutesHeard { .. } => None,
+        })
+        .map(|(routes, dns)| {
             let dns = dns.map(|d| {
                 (
                     d.servers().map(|s| s.to_string()).collect(),
@@ -673,6 +677,7 @@ fn routes_from_an_untrusted_peer_are_ignored() {
         9,
         &["0.0.0.0/0".parse().expect("cidr")],
         None,
+        routes_msg::DEFAULT_PRIORITY,
         &mut msg,
     )
     .expect("fits");

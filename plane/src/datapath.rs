@@ -44,6 +44,7 @@ pub struct DatapathState {
     pub local_v4: Option<Ipv4Addr>,
     pub advertised: Vec<IpNet>,
     pub advertised_dns: Option<DnsOffer>,
+    pub priority: u16,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +58,7 @@ pub enum Step {
     SetRouteSource(PeerHandle, Option<Ipv4Addr>),
     SetLocalAddress(Option<Ipv4Addr>),
     SetAdvertised(Vec<IpNet>, Option<Box<DnsOffer>>),
+    SetPriority(u16),
     SetMssClamp(u16, u16),
     SetMtu(u32),
     SetFwmark(u32),
@@ -127,6 +129,9 @@ pub fn diff(old: Option<&DatapathState>, new: &DatapathState) -> DatapathPlan {
             new.advertised.clone(),
             new.advertised_dns.map(Box::new),
         ));
+    }
+    if old.map(|o| o.priority) != Some(new.priority) {
+        before.push(Step::SetPriority(new.priority));
     }
     if old.map(|o| o.mtu) != Some(new.mtu) && !fresh {
         before.push(Step::SetMtu(new.mtu));

@@ -381,6 +381,7 @@ mod tests {
                         mtu: 1420,
                     },
                     dns_serving: Vec::new(),
+                    choice: Default::default(),
                 }
                 .datapath()
             };

@@ -31,8 +31,7 @@ use ipnet::IpNet;
 /// Who offers ranges: the plane's peer handles.
 pub type Gateway = u64;
 
-/// The priority a gateway that says none has (`vpcgate set --priority`).
-pub const DEFAULT_PRIORITY: u16 = 100;
+pub use vpcgate_node::routes_msg::DEFAULT_PRIORITY;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timing {
@@ -89,6 +88,8 @@ pub struct Choice {
     owners: BTreeMap<IpNet, Owner>,
     /// Moves from one gateway to another since the start, for metrics.
     failovers: u64,
+    /// The latest time given.
+    latest: Option<Instant>,
 }
 
 impl Choice {
@@ -129,6 +130,11 @@ impl Choice {
             .collect()
     }
 
+    /// The latest time it was given, if any.
+    pub fn latest(&self) -> Option<Instant> {
+        self.latest
+    }
+
     pub fn failovers(&self) -> u64 {
         self.failovers
     }
@@ -157,15 +163,17 @@ impl Choice {
         heard.offers.entry(range).or_insert(now);
     }
 
-    /// `gateway` answered a poll: it offers `routes`, at `priority`.
+    /// `gateway` answered a poll: it offers `routes` (`None`: what it
+    /// offered before), at `priority`.
     pub fn heard(
         &mut self,
         gateway: Gateway,
-        routes: &[IpNet],
+        routes: Option<&[IpNet]>,
         priority: u16,
         now: Instant,
     ) -> Vec<Move> {
         let dead_after = self.timing.dead_after;
+        self.latest = self.latest.max(Some(now));
         let entry = self.heard.entry(gateway).or_insert_with(|| Heard {
             priority,
             last: now,
@@ -173,21 +181,34 @@ impl Choice {
             offers: BTreeMap::new(),
         });
         if now.saturating_duration_since(entry.last) >= dead_after {
-            // Back from the dead: its offers start again too.
+            // Back from the dead: a candidate again only from now, for
+            // the hold-down's count.
             entry.alive_since = now;
-            entry.offers.clear();
         }
         entry.last = entry.last.max(now);
         entry.priority = priority;
-        entry.offers.retain(|range, _| routes.contains(range));
-        for range in routes {
-            entry.offers.entry(*range).or_insert(now);
+        if let Some(routes) = routes {
+            entry.offers.retain(|range, _| routes.contains(range));
+            for range in routes {
+                entry.offers.entry(*range).or_insert(now);
+            }
         }
         self.decide(now)
     }
 
-    /// `gateway` is no longer a peer, or no longer trusted for routes.
-    pub fn forget(&mut self, gateway: Gateway, now: Instant) -> Vec<Move> {
+    /// The gateways heard from or remembered.
+    pub fn gateways(&self) -> impl Iterator<Item = Gateway> + '_ {
+        self.heard.keys().copied()
+    }
+
+    /// `gateway` is no longer a peer, or no longer trusted for routes. The
+    /// others are judged at the latest time anything was heard.
+    pub fn forget(&mut self, gateway: Gateway) -> Vec<Move> {
+        let Some(now) = self.latest else {
+            self.heard.remove(&gateway);
+            self.owners.retain(|_, o| o.gateway != gateway);
+            return Vec::new();
+        };
         self.heard.remove(&gateway);
         let mut moves = Vec::new();
         let gone: Vec<IpNet> = self
@@ -213,6 +234,7 @@ impl Choice {
     /// Re-decides with the time as it is now; call it at
     /// [`next_deadline`](Self::next_deadline).
     pub fn tick(&mut self, now: Instant) -> Vec<Move> {
+        self.latest = self.latest.max(Some(now));
         self.decide(now)
     }
 
@@ -356,7 +378,7 @@ mod tests {
         let ms = |n: u64| t0 + Duration::from_millis(n);
         let mut c = Choice::new(Timing::default());
         let range = net(DB);
-        let moves = c.heard(2, &[range], 100, ms(0));
+        let moves = c.heard(2, Some(&[range]), 100, ms(0));
         assert_eq!(
             moves,
             vec![Move {
@@ -366,10 +388,13 @@ mod tests {
             }]
         );
         // A better one appears: not before its hold-down.
-        assert!(c.heard(1, &[range], 50, ms(100)).is_empty());
+        assert!(c.heard(1, Some(&[range]), 50, ms(100)).is_empty());
         for t in (1000..10_000).step_by(1000) {
-            assert!(c.heard(1, &[range], 50, ms(t + 100)).is_empty(), "at {t}");
-            assert!(c.heard(2, &[range], 100, ms(t)).is_empty(), "at {t}");
+            assert!(
+                c.heard(1, Some(&[range]), 50, ms(t + 100)).is_empty(),
+                "at {t}"
+            );
+            assert!(c.heard(2, Some(&[range]), 100, ms(t)).is_empty(), "at {t}");
         }
         // 1 has been a candidate since 100 ms: its hold-down ends at 10.1 s.
         assert_eq!(c.next_deadline(ms(9_100)), Some(ms(10_100)));
@@ -386,8 +411,8 @@ mod tests {
         assert_eq!(c.failovers(), 1);
         assert_eq!(c.standing_by(&range, ms(10_100)), vec![2]);
         // 1 goes silent after 9.1 s: 2.5 s later, 2 has the range.
-        c.heard(2, &[range], 100, ms(10_500));
-        c.heard(2, &[range], 100, ms(11_500));
+        c.heard(2, Some(&[range]), 100, ms(10_500));
+        c.heard(2, Some(&[range]), 100, ms(11_500));
         assert_eq!(c.next_deadline(ms(11_500)), Some(ms(11_600)));
         assert!(c.tick(ms(11_599)).is_empty());
         assert_eq!(
@@ -408,11 +433,11 @@ mod tests {
         let ms = |n: u64| t0 + Duration::from_millis(n);
         let (db, vpc) = (net(DB), net(VPC));
         let mut c = Choice::new(Timing::default());
-        c.heard(1, &[db, vpc], 100, ms(0));
-        c.heard(2, &[db], 100, ms(10));
+        c.heard(1, Some(&[db, vpc]), 100, ms(0));
+        c.heard(2, Some(&[db]), 100, ms(10));
         assert_eq!(c.carried_by(1), vec![vpc, db]);
         // 1 lost its path to db: 2 takes db, vpc stays.
-        let moves = c.heard(1, &[vpc], 100, ms(1000));
+        let moves = c.heard(1, Some(&[vpc]), 100, ms(1000));
         assert_eq!(
             moves,
             vec![Move {
@@ -422,7 +447,7 @@ mod tests {
             }]
         );
         // 1 withdraws vpc too, and nobody else has it: it goes.
-        let moves = c.heard(1, &[], 100, ms(2000));
+        let moves = c.heard(1, Some(&[]), 100, ms(2000));
         assert_eq!(
             moves,
             vec![Move {
@@ -432,11 +457,11 @@ mod tests {
             }]
         );
         // 2 falls silent with nobody to take db: db stays with it.
-        c.heard(1, &[], 100, ms(3000));
+        c.heard(1, Some(&[]), 100, ms(3000));
         assert!(c.tick(ms(10_000)).is_empty());
         assert_eq!(c.carried_by(2), vec![db]);
         // Removing 2 takes db with it.
-        let moves = c.forget(2, ms(10_000));
+        let moves = c.forget(2);
         assert_eq!(
             moves,
             vec![Move {
@@ -454,16 +479,16 @@ mod tests {
         let range = net(DB);
         let mut c = Choice::new(Timing::default());
         c.remember(range, 2, ms(0));
-        c.heard(1, &[range], 100, ms(0));
+        c.heard(1, Some(&[range]), 100, ms(0));
         assert_eq!(
             c.carried_by(2),
             vec![range],
             "remembered from before a restart"
         );
-        c.heard(2, &[range], 100, ms(500));
+        c.heard(2, Some(&[range]), 100, ms(500));
         for t in (1000..60_000).step_by(1000) {
-            assert!(c.heard(1, &[range], 100, ms(t)).is_empty());
-            assert!(c.heard(2, &[range], 100, ms(t + 500)).is_empty());
+            assert!(c.heard(1, Some(&[range]), 100, ms(t)).is_empty());
+            assert!(c.heard(2, Some(&[range]), 100, ms(t + 500)).is_empty());
             assert!(c.tick(ms(t + 600)).is_empty());
         }
     }
@@ -633,7 +658,7 @@ mod tests {
                     if gw.alive && now % 1000 == gw.phase {
                         let offered: Vec<IpNet> =
                             (0..2).filter(|r| gw.offers[*r]).map(|r| ranges[r]).collect();
-                        moves.extend(c.heard(g as u64, &offered, gw.priority, at(now)));
+                        moves.extend(c.heard(g as u64, Some(&offered), gw.priority, at(now)));
                     }
                 }
                 moves.extend(c.tick(at(now)));

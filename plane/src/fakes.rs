@@ -257,7 +257,10 @@ impl Thread {
             Step::SetAdvertised(_, dns) => {
                 self.offered_dns = dns.map(|d| d.servers().collect()).unwrap_or_default();
             }
-            Step::SetLocalAddress(_) | Step::SetMssClamp(..) | Step::SetFwmark(_) => {}
+            Step::SetLocalAddress(_)
+            | Step::SetPriority(_)
+            | Step::SetMssClamp(..)
+            | Step::SetFwmark(_) => {}
         }
     }
 }

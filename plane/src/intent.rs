@@ -12,6 +12,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
 
 use ipnet::IpNet;
 use vpcgate_node::routes_msg::DnsOffer;
@@ -20,6 +21,7 @@ use vpcgate_proto::{PeerAdd, Response, SetOptions};
 
 use crate::device::{DeviceConfig, LearnedDns, PeerConfig, SetRequest};
 use crate::errno::{EINVAL, EIO};
+use crate::failover;
 use crate::key::{b64, parse_key, public_key_of, Key};
 use crate::model::{Desired, LinkState};
 use crate::policy::{self, ClientConfig, LearnPolicy};
@@ -49,7 +51,17 @@ pub enum Intent {
         routes: Vec<IpNet>,
         dns: Option<Box<DnsOffer>>,
         local: Vec<IpNet>,
+        priority: u16,
+        at: Instant,
     },
+    /// A peer answered a route poll with what it offered before.
+    RoutesHeard {
+        peer: PeerHandle,
+        priority: u16,
+        at: Instant,
+    },
+    /// The time the failover choice asked to be woken at has come.
+    FailoverTick(Instant),
     /// The kernel reported the TUN's addresses and MTU.
     LinkObserved(LinkState),
     /// The DNS forwarder reported where it answers with an upstream to
@@ -78,6 +90,8 @@ impl Intent {
             Intent::PeerAdd(_) => "peer-add",
             Intent::PeerRemove { .. } => "peer-remove",
             Intent::RoutesOffered { .. } => "routes-offered",
+            Intent::RoutesHeard { .. } => "routes-heard",
+            Intent::FailoverTick(_) => "failover-tick",
             Intent::LinkObserved(_) => "link-observed",
             Intent::DnsObserved(_) => "dns-observed",
             Intent::Reload { .. } => "reload",
@@ -90,7 +104,11 @@ impl Intent {
     pub fn is_request(&self) -> bool {
         !matches!(
             self,
-            Intent::RoutesOffered { .. } | Intent::LinkObserved(_) | Intent::DnsObserved(_)
+            Intent::RoutesOffered { .. }
+                | Intent::RoutesHeard { .. }
+                | Intent::FailoverTick(_)
+                | Intent::LinkObserved(_)
+                | Intent::DnsObserved(_)
         )
     }
 }
@@ -188,7 +206,7 @@ pub fn plan(current: &Desired, intent: Intent) -> Result<Planned, Error> {
             apply_options(&mut next, &options)?;
             let s = &next.settings;
             let message = format!(
-                "snat {}, mss-clamp {}, public endpoint {}, listen port {}, address {}, mtu {}, dns {}",
+                "snat {}, mss-clamp {}, public endpoint {}, listen port {}, address {}, mtu {}, dns {}, priority {}",
                 if s.snat { "on" } else { "off" },
                 if s.mss_clamp { "on" } else { "off" },
                 s.public_endpoint.as_deref().unwrap_or("(not set)"),
@@ -200,6 +218,7 @@ pub fn plan(current: &Desired, intent: Intent) -> Result<Planned, Error> {
                     .join(","),
                 s.mtu,
                 dns_summary(&s.dns),
+                s.priority,
             );
             let summary = format!("settings applied: {message}");
             (Some(Response::Done { message }), Some(summary))
@@ -243,11 +262,32 @@ pub fn plan(current: &Desired, intent: Intent) -> Result<Planned, Error> {
             routes,
             dns,
             local,
+            priority,
+            at,
         } => {
-            let routes = learn_routes(&mut next, peer, &routes, &local);
+            let routes = learn_routes(&mut next, peer, &routes, &local, priority, at);
             let dns = learn_dns(&mut next, peer, dns.as_deref());
             let summary: Vec<String> = routes.into_iter().chain(dns).collect();
             (None, (!summary.is_empty()).then(|| summary.join("; ")))
+        }
+        Intent::RoutesHeard { peer, priority, at } => {
+            let trusted = next
+                .device
+                .peer_by_handle(peer)
+                .is_some_and(|p| p.accept_routes);
+            let moves = match trusted {
+                true => {
+                    remember_owners(&mut next, at);
+                    next.choice.heard(peer, None, priority, at)
+                }
+                false => Vec::new(),
+            };
+            (None, carry_chosen(&mut next, &moves))
+        }
+        Intent::FailoverTick(at) => {
+            remember_owners(&mut next, at);
+            let moves = next.choice.tick(at);
+            (None, carry_chosen(&mut next, &moves))
         }
         Intent::LinkObserved(link) => {
             let mut notes = Vec::new();
@@ -287,8 +327,72 @@ pub fn plan(current: &Desired, intent: Intent) -> Result<Planned, Error> {
             (Some(Response::Done { message }), None)
         }
     };
+    // A gateway no longer trusted for routes (removed, or accept-routes
+    // off) gives up what it carried; another may take it at once.
+    let gone: Vec<u64> = next
+        .choice
+        .gateways()
+        .filter(|g| {
+            !next
+                .device
+                .peer_by_handle(*g)
+                .is_some_and(|p| p.accept_routes)
+        })
+        .collect();
+    let mut moves = Vec::new();
+    if let (false, Some(at)) = (gone.is_empty(), next.choice.latest()) {
+        remember_owners(&mut next, at);
+    }
+    for gateway in gone {
+        moves.extend(next.choice.forget(gateway));
+    }
+    let summary = match carry_chosen(&mut next, &moves) {
+        Some(more) => Some(summary.map_or(more.clone(), |s| format!("{s}; {more}"))),
+        None => summary,
+    };
     next.device.release_removed(&current.device);
     Ok(Planned::new(next, reply, summary))
+}
+
+/// Gives each trusted gateway's learned routes what the choice says it
+/// carries; a summary of the moves, if any.
+fn carry_chosen(next: &mut Desired, moves: &[failover::Move]) -> Option<String> {
+    if moves.is_empty() {
+        return None;
+    }
+    for peer in next.device.peers.iter_mut() {
+        if peer.accept_routes {
+            peer.learned = next.choice.carried_by(peer.handle);
+        }
+    }
+    let name = |handle: Option<u64>| match handle {
+        Some(h) => next
+            .device
+            .peer_by_handle(h)
+            .map_or_else(|| "a removed peer".to_string(), |p| p.label()),
+        None => "nobody".to_string(),
+    };
+    let said: Vec<String> = moves
+        .iter()
+        .map(|m| match (m.from, m.to) {
+            (None, Some(to)) => format!("{} via {}", m.range, name(Some(to))),
+            (Some(from), None) => format!("{} no longer via {}", m.range, name(Some(from))),
+            (from, to) => format!("{} moved from {} to {}", m.range, name(from), name(to)),
+        })
+        .collect();
+    Some(format!("accepted routes: {}", said.join(", ")))
+}
+
+/// Seeds the choice with the routes each trusted gateway carried when the
+/// state files were written, so a restart keeps traffic where it was.
+fn remember_owners(next: &mut Desired, at: Instant) {
+    for peer in &next.device.peers {
+        if peer.accept_routes {
+            for range in &peer.learned {
+                next.choice.remember(*range, peer.handle, at);
+            }
+        }
+    }
 }
 
 fn dns_summary(dns: &crate::settings::DnsSettings) -> String {
@@ -327,6 +431,9 @@ fn apply_options(next: &mut Desired, options: &SetOptions) -> Result<(), Error> 
     }
     if let Some(mss) = options.mss_clamp {
         settings.mss_clamp = mss;
+    }
+    if let Some(priority) = options.priority {
+        settings.priority = priority;
     }
     if let Some(mtu) = options.mtu {
         if !(1280..=65535).contains(&mtu) {
@@ -563,6 +670,8 @@ fn learn_routes(
     handle: PeerHandle,
     offered: &[IpNet],
     local: &[IpNet],
+    priority: u16,
+    at: Instant,
 ) -> Option<String> {
     let device: &DeviceConfig = &next.device;
     let peer = device.peer_by_handle(handle)?;
@@ -587,17 +696,11 @@ fn learn_routes(
     for reason in &refused {
         tracing::warn!(peer = %name, "not accepting route {reason}");
     }
-    if accepted == peer.learned {
-        return None;
-    }
-    let listed: Vec<String> = accepted.iter().map(ToString::to_string).collect();
-    if let Some(peer) = next.device.peer_by_handle_mut(handle) {
-        peer.learned = accepted;
-    }
-    Some(format!(
-        "accepted routes from {name} changed: {}",
-        listed.join(",")
-    ))
+    // Which gateway carries each range is the choice's: with one gateway,
+    // everything it offers; with two or more for a range, one of them.
+    remember_owners(next, at);
+    let moves = next.choice.heard(handle, Some(&accepted), priority, at);
+    carry_chosen(next, &moves)
 }
 
 /// Takes the DNS forwarder a trusted peer offers, keeping only the servers
@@ -691,6 +794,7 @@ mod tests {
                 mtu: 1420,
             },
             dns_serving: Vec::new(),
+            choice: Default::default(),
         }
     }
 
@@ -778,6 +882,8 @@ mod tests {
             routes: vec!["198.18.64.0/20".parse().expect("cidr")],
             dns: None,
             local: Vec::new(),
+            priority: vpcgate_node::routes_msg::DEFAULT_PRIORITY,
+            at: std::time::Instant::now(),
         };
         let learned = plan(&d, offer(trusted)).expect("valid").desired;
         assert_eq!(learned.os_routes().len(), 1);

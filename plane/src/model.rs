@@ -36,6 +36,9 @@ pub struct Desired {
     /// reported: the route exchange offers only these, so a gateway whose
     /// forwarder cannot work does not take over its clients' names.
     pub dns_serving: Vec<IpAddr>,
+    /// Which trusted gateway carries each range two or more offer; learned
+    /// routes follow it. Not saved: the learned routes are, and seed it.
+    pub choice: crate::failover::Choice,
 }
 
 /// The state files' contents.
@@ -75,6 +78,7 @@ impl Desired {
             device,
             settings,
             dns_serving: Vec::new(),
+            choice: Default::default(),
         })
     }
 
@@ -202,6 +206,7 @@ impl Desired {
             local_v4: self.settings.local_v4(),
             advertised: self.settings.advertised_routes.clone(),
             advertised_dns: self.settings.dns_offer(&self.dns_serving),
+            priority: self.settings.priority,
         }
     }
 }
@@ -224,6 +229,7 @@ mod tests {
                 mtu: 1420,
             },
             dns_serving: Vec::new(),
+            choice: Default::default(),
         };
         let table = RouteTable::build(desired.forward_scope().into_iter().map(|n| (n, ())));
         for (addr, inside) in [

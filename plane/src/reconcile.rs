@@ -91,7 +91,9 @@ impl Gates {
 
     pub fn for_intent(intent: &Intent) -> Gates {
         match intent {
-            Intent::RoutesOffered { .. } => Gates::LEARNED,
+            Intent::RoutesOffered { .. } | Intent::RoutesHeard { .. } | Intent::FailoverTick(_) => {
+                Gates::LEARNED
+            }
             Intent::LinkObserved(_) | Intent::DnsObserved(_) => Gates::CONVERGE,
             _ => Gates::REQUEST,
         }

@@ -37,6 +37,10 @@ pub struct Settings {
     pub mtu: u32,
     #[serde(default)]
     pub dns: DnsSettings,
+    /// Sent with our advertisements: clients with two or more gateways for
+    /// a range prefer the lowest.
+    #[serde(default = "default_priority")]
+    pub priority: u16,
 }
 
 /// The DNS forwarder that answers tunnel peers on our tunnel addresses.
@@ -73,6 +77,10 @@ fn default_mtu() -> u32 {
     DEFAULT_MTU
 }
 
+fn default_priority() -> u16 {
+    vpcgate_node::routes_msg::DEFAULT_PRIORITY
+}
+
 impl Settings {
     pub fn new(addresses: Vec<IpNet>, listen_port: u16) -> Settings {
         Settings {
@@ -85,6 +93,7 @@ impl Settings {
             public_endpoint: None,
             mtu: default_mtu(),
             dns: DnsSettings::default(),
+            priority: default_priority(),
         }
     }
 

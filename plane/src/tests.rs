@@ -351,6 +351,8 @@ fn bind(gen: Gen, pick: usize, desired: &Desired, files: &Files) -> Intent {
                 routes: nets.into_iter().map(|i| net(i).trunc()).collect(),
                 dns,
                 local: vec!["198.19.0.0/16".parse().expect("cidr")],
+                priority: vpcgate_node::routes_msg::DEFAULT_PRIORITY,
+                at: std::time::Instant::now(),
             }
         }
         Gen::LinkObserved { networks, mtu } => Intent::LinkObserved(LinkState {
@@ -578,6 +580,8 @@ fn a_failed_route_install_is_retried_until_it_succeeds() {
         routes: vec![offered],
         dns: None,
         local: Vec::new(),
+        priority: vpcgate_node::routes_msg::DEFAULT_PRIORITY,
+        at: std::time::Instant::now(),
     }))
     .expect("learned");
     assert!(!machine.links.0.borrow().routes.contains(&offered));
@@ -633,6 +637,8 @@ fn offer_dns(engine: &mut TestEngine, peer: u64, servers: &[&str], zones: &[&str
         routes: Vec::new(),
         dns: dns.map(Box::new),
         local: Vec::new(),
+        priority: vpcgate_node::routes_msg::DEFAULT_PRIORITY,
+        at: std::time::Instant::now(),
     }))
     .expect("background intents are not refused");
 }
@@ -814,4 +820,97 @@ fn dns_is_offered_only_while_the_forwarder_answers() {
     })))
     .expect("dns off");
     assert!(offered().is_empty(), "off in the settings: never offered");
+}
+
+#[test]
+fn a_range_two_gateways_offer_is_carried_by_one_and_moves_when_it_falls_silent() {
+    let machine = Machine::boot(FakeStore::default());
+    let (mut engine, [a, b]) = client_with_gateways(&machine);
+    let t0 = std::time::Instant::now();
+    let ms = |n: u64| t0 + std::time::Duration::from_millis(n);
+    let db: IpNet = "198.19.101.0/24".parse().expect("cidr");
+    let host: std::net::IpAddr = "198.19.101.5".parse().expect("ip");
+    let via = || {
+        machine
+            .datapath
+            .0
+            .borrow()
+            .table
+            .as_ref()
+            .and_then(|t| t.lookup(host))
+    };
+    let offer = |engine: &mut TestEngine, peer, priority, at| {
+        block_on(engine.handle(Intent::RoutesOffered {
+            peer,
+            routes: vec![db],
+            dns: None,
+            local: Vec::new(),
+            priority,
+            at,
+        }))
+        .expect("background intents are not refused");
+    };
+    let heard = |engine: &mut TestEngine, peer, priority, at| {
+        block_on(engine.handle(Intent::RoutesHeard { peer, priority, at }))
+            .expect("background intents are not refused");
+    };
+    let tick = |engine: &mut TestEngine, at| {
+        block_on(engine.handle(Intent::FailoverTick(at))).expect("tick");
+    };
+    offer(&mut engine, a, 100, ms(0));
+    offer(&mut engine, b, 100, ms(100));
+    assert_eq!(via(), Some(a), "the first to offer it carries it");
+    assert_eq!(
+        machine
+            .links
+            .0
+            .borrow()
+            .routes
+            .iter()
+            .filter(|r| **r == db)
+            .count(),
+        1
+    );
+    let carried = |engine: &TestEngine, p| {
+        engine
+            .desired()
+            .device
+            .peer_by_handle(p)
+            .map(|p| p.learned.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        (carried(&engine, a), carried(&engine, b)),
+        (vec![db], vec![])
+    );
+    // a falls silent after 0 ms; b goes on answering. At 2.5 s, b has it.
+    heard(&mut engine, b, 100, ms(1100));
+    heard(&mut engine, b, 100, ms(2100));
+    tick(&mut engine, ms(2499));
+    assert_eq!(via(), Some(a));
+    tick(&mut engine, ms(2500));
+    assert_eq!(via(), Some(b), "moved off the silent gateway");
+    assert_eq!(
+        (carried(&engine, a), carried(&engine, b)),
+        (vec![], vec![db])
+    );
+    // a is back, preferred: only after its 10 s hold-down.
+    for t in (3000..13_000).step_by(1000) {
+        heard(&mut engine, a, 50, ms(t));
+        heard(&mut engine, b, 100, ms(t + 100));
+        assert_eq!(via(), Some(b), "at {t} ms");
+    }
+    assert_eq!(
+        engine.desired().choice.next_deadline(ms(12_100)),
+        Some(ms(13_000))
+    );
+    tick(&mut engine, ms(13_000));
+    assert_eq!(via(), Some(a), "failback after the hold-down");
+    // a is removed: b carries it at once.
+    block_on(engine.handle(Intent::PeerRemove {
+        name: "gw-a".into(),
+    }))
+    .expect("removed");
+    assert_eq!(via(), Some(b));
+    assert_eq!(engine.desired().choice.failovers(), 2);
 }

@@ -115,6 +115,10 @@ pub struct SetOptions {
     /// Zones vpcgate clients resolve through us; `["none"]`: none.
     #[serde(default)]
     pub dns_zones: Option<Vec<String>>,
+    /// This gateway's priority among gateways that advertise the same
+    /// range: lower is preferred.
+    #[serde(default)]
+    pub priority: Option<u16>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
