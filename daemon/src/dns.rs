@@ -178,14 +178,7 @@ impl Dns {
 
     /// Follows the settings; a call that changes nothing does nothing.
     pub fn apply(&self, settings: &Settings) {
-        let next = DnsConfig::of(settings);
-        self.config.send_if_modified(|current| {
-            let changed = *current != next;
-            if changed {
-                *current = next;
-            }
-            changed
-        });
+        send_if_changed(&self.config, DnsConfig::of(settings));
     }
 
     /// The forwarder's counters, for metrics; `None` while it is off.
@@ -214,6 +207,18 @@ impl Dns {
             cache_entries: report.stats.cache_entries,
         })
     }
+}
+
+/// Publishes `value` only if it differs from what the channel holds, so
+/// that receivers wake for changes only.
+fn send_if_changed<T: PartialEq>(tx: &watch::Sender<T>, value: T) {
+    tx.send_if_modified(|current| {
+        let changed = *current != value;
+        if changed {
+            *current = value;
+        }
+        changed
+    });
 }
 
 impl Drop for Dns {
@@ -386,13 +391,7 @@ impl Service {
             false => self.listeners.keys().copied().collect(),
         };
         serving.sort();
-        self.serving.send_if_modified(|current| {
-            let changed = *current != serving;
-            if changed {
-                *current = serving;
-            }
-            changed
-        });
+        send_if_changed(&self.serving, serving);
         let problem = (!problems.is_empty()).then(|| problems.join("; "));
         if let Ok(mut report) = self.report.lock() {
             if problem.is_some() && problem != report.problem {

@@ -100,10 +100,6 @@ impl Choice {
         }
     }
 
-    pub fn timing(&self) -> Timing {
-        self.timing
-    }
-
     /// Ranges and who carries each.
     pub fn owners(&self) -> &BTreeMap<IpNet, Owner> {
         &self.owners
