@@ -45,6 +45,20 @@ enum Cmd {
         /// Allow a default route (0.0.0.0/0 or ::/0): clients send all traffic here.
         #[arg(long)]
         exit_node: bool,
+        /// Advertise the ranges that contain IP only while a TCP connection
+        /// to IP:PORT opens (probed every second through this VM's own
+        /// path; withdrawn after 2 failures, back after 3 successes).
+        /// Repeatable, e.g. --check tcp:198.19.101.10:5432
+        #[arg(long = "check", value_name = "tcp:IP:PORT", conflicts_with = "clear")]
+        checks: Vec<String>,
+    },
+    /// Stop advertising every range, for maintenance: clients with another
+    /// gateway move to it, and connections that still arrive are
+    /// forwarded. It lasts across restarts until `drain --off`.
+    Drain {
+        /// End the drain: advertise again.
+        #[arg(long)]
+        off: bool,
     },
     /// Change settings; each is validated, saved and applied live.
     Set(SetArgs),
@@ -265,9 +279,7 @@ fn print_status(status: &Status) {
         }
     };
     println!("  advertised routes: {}", list(&status.advertised_routes));
-    if !status.accepted_routes.is_empty() {
-        println!("  accepted routes: {}", status.accepted_routes.join(", "));
-    }
+    print_failover(status);
     let onoff = |b: bool| if b { "on" } else { "off" };
     let form = match &status.snat_form {
         Some(form) => format!(" ({form} nftables)"),
@@ -342,6 +354,50 @@ fn print_status(status: &Status) {
         for warning in &status.warnings {
             println!("warning: {warning}");
         }
+    }
+}
+
+/// A gateway's drain and checks, and a client's carriers.
+fn print_failover(status: &Status) {
+    if status.draining {
+        println!("  draining: nothing is offered to clients (`vpcgate drain --off` ends it)");
+    } else if status.advertising != status.advertised_routes {
+        let offered = match status.advertising.is_empty() {
+            true => "(none)".to_string(),
+            false => status.advertising.join(", "),
+        };
+        println!("  offered now: {offered} (the rest wait for their checks)");
+    }
+    let ago = |secs: Option<u64>| secs.map_or(String::new(), |s| format!(" for {s}s"));
+    for check in &status.checks {
+        let last = match (&check.last, check.last_ok) {
+            (Some(last), Some(true)) => format!("last probe: {last}"),
+            (Some(last), _) => format!("last probe failed: {last}"),
+            (None, _) => "not probed yet".to_string(),
+        };
+        println!(
+            "  check {}: {}{} ({last}), governs {}",
+            check.target,
+            check.state,
+            ago(check.for_secs),
+            check.governs.join(", ")
+        );
+    }
+    if !status.accepted_routes.is_empty() {
+        println!("  accepted routes: {}", status.accepted_routes.join(", "));
+    }
+    for carrier in &status.carriers {
+        let standby = match carrier.standby.is_empty() {
+            true => String::new(),
+            false => format!(", standing by: {}", carrier.standby.join(", ")),
+        };
+        println!(
+            "  {} via {} for {}s{standby}",
+            carrier.range, carrier.via, carrier.for_secs
+        );
+    }
+    if status.failovers > 0 {
+        println!("  failovers: {}", status.failovers);
     }
 }
 
@@ -446,19 +502,47 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             routes,
             clear,
             exit_node,
+            checks,
         } => {
             let req = if clear || !routes.is_empty() {
-                Request::AdvertiseRoutes { routes, exit_node }
+                Request::AdvertiseRoutes {
+                    routes,
+                    exit_node,
+                    checks,
+                }
+            } else if !checks.is_empty() {
+                bail!(
+                    "give the ranges with their checks: advertise-routes sets both, e.g. \
+                     vpcgate advertise-routes 198.19.101.0/24 --check tcp:198.19.101.10:5432"
+                );
             } else {
                 Request::GetAdvertisedRoutes
             };
             match request(socket, &req)? {
-                Response::Routes { routes, warnings } => {
+                Response::Routes {
+                    routes,
+                    warnings,
+                    checks,
+                    draining,
+                } => {
                     if json {
-                        print_json(&serde_json::json!({ "routes": routes, "warnings": warnings }))?;
+                        print_json(&serde_json::json!({
+                            "routes": routes,
+                            "checks": checks,
+                            "draining": draining,
+                            "warnings": warnings,
+                        }))?;
                     } else {
                         for route in &routes {
                             println!("{route}");
+                        }
+                        for check in &checks {
+                            println!("check {check}");
+                        }
+                        if draining {
+                            println!(
+                                "draining: none of these is offered until `vpcgate drain --off`"
+                            );
                         }
                     }
                     for warning in &warnings {
@@ -468,6 +552,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 other => return Err(unexpected(other)),
             }
         }
+        Cmd::Drain { off } => match request(socket, &Request::Drain { on: !off })? {
+            Response::Done { message } => report(&message, json)?,
+            other => return Err(unexpected(other)),
+        },
         Cmd::Set(args) => {
             let options = SetOptions {
                 snat: args.snat,

@@ -211,6 +211,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         tun: tun_fd,
         notifier: SdNotifier,
         dns,
+        probes: crate::probes::Probes::new(),
     };
     // Everything that can fail starts here; nothing is served yet.
     if let Err(failure) = owner.engine.start().await {

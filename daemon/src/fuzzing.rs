@@ -332,7 +332,11 @@ where
 /// state. Their answers may be errors; none may panic.
 fn check_request_fields(request: &Request) {
     match request {
-        Request::AdvertiseRoutes { routes, exit_node } => {
+        Request::AdvertiseRoutes {
+            routes,
+            exit_node,
+            checks,
+        } => {
             let tunnel = [IpNet::V4(Ipv4Net::new_assert(
                 Ipv4Addr::new(100, 64, 0, 0),
                 24,
@@ -340,6 +344,17 @@ fn check_request_fields(request: &Request) {
             let input = subnet::split_list(routes);
             if let Ok(routes) = subnet::validate_advertised(&input, &tunnel, *exit_node) {
                 assert_advertisable(&routes);
+                if let Ok(checks) = vpcgate_plane::health::validate_checks(checks, &routes) {
+                    for check in checks {
+                        // Every accepted check governs an advertised range
+                        // and reads back as itself.
+                        assert!(routes.iter().any(|r| r.contains(&check.target.ip())));
+                        assert_eq!(
+                            check.to_string().parse::<vpcgate_plane::health::Check>(),
+                            Ok(check)
+                        );
+                    }
+                }
             }
         }
         Request::Set(options) => {
@@ -369,6 +384,7 @@ fn check_request_fields(request: &Request) {
             }
         }
         Request::Status
+        | Request::Drain { .. }
         | Request::GetAdvertisedRoutes
         | Request::PeerRemove { .. }
         | Request::PeerList

@@ -28,6 +28,7 @@ pub mod nat;
 pub mod netlink;
 pub mod owner;
 pub mod ports;
+pub mod probes;
 pub mod resolved;
 pub mod state;
 pub mod uapi;

@@ -25,13 +25,6 @@ pub fn render(scrape: &Scrape, now: SystemTime) -> String {
     let sample = &scrape.sample;
     let mut out = String::with_capacity(1024 + sample.peers.len() * 400);
     let label = |p: &PeerSample| {
-        // Names are restricted to [A-Za-z0-9._-] and keys are base64, so
-        // neither needs escaping; the fallback keeps that true regardless.
-        let clean = |s: &str| {
-            s.chars()
-                .filter(|c| !matches!(c, '"' | '\\' | '\n'))
-                .collect::<String>()
-        };
         format!(
             "public_key=\"{}\",name=\"{}\"",
             clean(&p.public_key),
@@ -116,10 +109,65 @@ pub fn render(scrape: &Scrape, now: SystemTime) -> String {
     );
     let _ = writeln!(out, "# TYPE vpcgate_accepted_routes gauge");
     let _ = writeln!(out, "vpcgate_accepted_routes {}", sample.accepted_routes);
+    render_failover(&mut out, sample);
     if let Some(dns) = &scrape.dns {
         render_dns(&mut out, dns);
     }
     out
+}
+
+/// Names are restricted to [A-Za-z0-9._-], keys are base64 and the rest
+/// are prefixes and addresses, so nothing needs escaping; this keeps that
+/// true regardless.
+fn clean(s: &str) -> String {
+    s.chars()
+        .filter(|c| !matches!(c, '"' | '\\' | '\n'))
+        .collect()
+}
+
+/// A gateway's health checks and drain, and a client's carriers.
+fn render_failover(out: &mut String, sample: &Sample) {
+    let _ = writeln!(out, "# HELP vpcgate_advertising_routes Ranges the route exchange offers now: the advertised ones whose checks pass, none while draining.");
+    let _ = writeln!(out, "# TYPE vpcgate_advertising_routes gauge");
+    let _ = writeln!(out, "vpcgate_advertising_routes {}", sample.advertising);
+    let _ = writeln!(
+        out,
+        "# HELP vpcgate_draining 1 while `vpcgate drain` holds every range back."
+    );
+    let _ = writeln!(out, "# TYPE vpcgate_draining gauge");
+    let _ = writeln!(out, "vpcgate_draining {}", u8::from(sample.draining));
+    let _ = writeln!(
+        out,
+        "# HELP vpcgate_check_healthy 1 while a health check passes."
+    );
+    let _ = writeln!(out, "# TYPE vpcgate_check_healthy gauge");
+    for (target, healthy) in &sample.checks {
+        let _ = writeln!(
+            out,
+            "vpcgate_check_healthy{{target=\"{}\"}} {}",
+            clean(target),
+            u8::from(*healthy)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP vpcgate_route_carrier 1 for the gateway that carries each accepted range."
+    );
+    let _ = writeln!(out, "# TYPE vpcgate_route_carrier gauge");
+    for (range, via) in &sample.carriers {
+        let _ = writeln!(
+            out,
+            "vpcgate_route_carrier{{range=\"{}\",via=\"{}\"}} 1",
+            clean(range),
+            clean(via)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP vpcgate_failovers_total Times an accepted range moved from one gateway to another."
+    );
+    let _ = writeln!(out, "# TYPE vpcgate_failovers_total counter");
+    let _ = writeln!(out, "vpcgate_failovers_total {}", sample.failovers);
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -337,6 +385,11 @@ mod tests {
             drops: vec![("no_route", 3), ("not_advertised", 0)],
             advertised_routes: 2,
             accepted_routes: 0,
+            advertising: 1,
+            draining: false,
+            checks: vec![("tcp:198.19.101.10:5432".into(), false)],
+            carriers: vec![("198.19.101.0/24".into(), "gw2".into())],
+            failovers: 3,
         };
         let mut dns = Stats {
             queries_udp: 7,
@@ -368,6 +421,11 @@ mod tests {
             "vpcgate_peers 2",
             "vpcgate_advertised_routes 2",
             "vpcgate_accepted_routes 0",
+            "vpcgate_advertising_routes 1",
+            "vpcgate_draining 0",
+            "vpcgate_check_healthy{target=\"tcp:198.19.101.10:5432\"} 0",
+            "vpcgate_route_carrier{range=\"198.19.101.0/24\",via=\"gw2\"} 1",
+            "vpcgate_failovers_total 3",
             "vpcgate_dns_queries_total{transport=\"udp\"} 7",
             "vpcgate_dns_queries_total{transport=\"tcp\"} 2",
             "vpcgate_dns_results_total{result=\"cache\"} 1",

@@ -52,6 +52,8 @@ pub struct Owner {
     pub notifier: SdNotifier,
     /// The DNS forwarder, which follows the settings.
     pub dns: crate::dns::Dns,
+    /// The health checks' probes, which follow the settings.
+    pub probes: crate::probes::Probes,
 }
 
 /// Why the owner stopped.
@@ -89,8 +91,13 @@ impl Owner {
         let mut delay = RETRY_FIRST;
         let mut retry_at: Option<tokio::time::Instant> = None;
         let mut dns_serving = self.dns.serving();
+        let mut probed = self
+            .probes
+            .take_results()
+            .ok_or_else(|| anyhow::anyhow!("the owner runs once"))?;
         loop {
             self.dns.apply(&self.desired().settings);
+            self.probes.follow(&self.engine.desired().settings.checks);
             if retry_at.is_none() && !self.engine.converged() {
                 retry_at = Some(tokio::time::Instant::now() + delay);
             }
@@ -138,6 +145,10 @@ impl Owner {
                         let _ = self.engine.handle(Intent::RoutesHeard { peer, priority, at }).await;
                     }
                 },
+                Some(outcome) = probed.recv() => {
+                    let crate::probes::Outcome { check, ok, detail, at } = outcome;
+                    let _ = self.engine.handle(Intent::CheckResult { check, ok, detail, at }).await;
+                }
                 () = failover => {
                     let _ = self.engine.handle(Intent::FailoverTick(std::time::Instant::now())).await;
                 }
@@ -218,19 +229,25 @@ impl Owner {
     async fn control(&mut self, request: Request) -> Response {
         let result = match request {
             Request::Status => Ok(Response::Status(self.status())),
-            Request::GetAdvertisedRoutes => Ok(Response::Routes {
-                routes: self
-                    .desired()
-                    .settings
-                    .advertised_routes
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect(),
-                warnings: forwarding_warnings(&self.desired().settings),
-            }),
-            Request::AdvertiseRoutes { routes, exit_node } => {
-                self.advertise(routes, exit_node).await
+            Request::GetAdvertisedRoutes => {
+                let settings = &self.desired().settings;
+                Ok(Response::Routes {
+                    routes: settings
+                        .advertised_routes
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect(),
+                    warnings: forwarding_warnings(settings),
+                    checks: settings.checks.iter().map(ToString::to_string).collect(),
+                    draining: settings.draining,
+                })
             }
+            Request::AdvertiseRoutes {
+                routes,
+                exit_node,
+                checks,
+            } => self.advertise(routes, exit_node, checks).await,
+            Request::Drain { on } => self.handle(Intent::Drain(on)).await,
             Request::Set(options) => self.handle(Intent::Set(options)).await,
             Request::PeerAdd(add) => self.peer_add(add).await,
             Request::PeerRemove { name } => self.handle(Intent::PeerRemove { name }).await,
@@ -259,9 +276,25 @@ impl Owner {
         }))
     }
 
-    async fn advertise(&mut self, routes: Vec<String>, exit_node: bool) -> Result<Response, Error> {
-        let reply = self.handle(Intent::Advertise { routes, exit_node }).await?;
-        let Response::Routes { routes, .. } = reply else {
+    async fn advertise(
+        &mut self,
+        routes: Vec<String>,
+        exit_node: bool,
+        checks: Vec<String>,
+    ) -> Result<Response, Error> {
+        let intent = Intent::Advertise {
+            routes,
+            exit_node,
+            checks,
+        };
+        let reply = self.handle(intent).await?;
+        let Response::Routes {
+            routes,
+            checks,
+            draining,
+            ..
+        } = reply
+        else {
             return Ok(reply);
         };
         let mut warnings = forwarding_warnings(&self.desired().settings);
@@ -285,7 +318,12 @@ impl Owner {
         for warning in &warnings {
             tracing::warn!("{warning}");
         }
-        Ok(Response::Routes { routes, warnings })
+        Ok(Response::Routes {
+            routes,
+            warnings,
+            checks,
+            draining,
+        })
     }
 
     /// Plans the request once without its endpoint, so that every mistake
@@ -340,6 +378,7 @@ impl Owner {
                     .iter()
                     .find(|f| f.part == Part::Dns)
                     .map(|f| f.error.message.clone()),
+                now: std::time::Instant::now(),
             },
         )
     }

@@ -40,8 +40,10 @@ pub const PEERS_FILE: &str = "peers.json";
 ///    `{"format": 2, "settings": {...}}` and `peers.json`
 ///    `{"format": 2, "peers": [...]}`, the inner values as in format 1,
 ///    and the settings may hold `dns` (the forwarder's settings; absent
-///    means on, with the host's resolvers). Format 2 is not released yet,
-///    so that optional field joined it without a new number.
+///    means on, with the host's resolvers), `priority` (absent: 100),
+///    `checks` (absent: none) and `draining` (absent: false). Format 2 is
+///    not released yet, so those optional fields joined it without a new
+///    number.
 pub const FORMAT: u32 = 2;
 
 /// What a state file held, and the format it was in.

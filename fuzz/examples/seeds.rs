@@ -296,13 +296,19 @@ fn control_seeds() -> Seeds {
                     "fd00:64:1::/48".into(),
                 ],
                 exit_node: false,
+                checks: vec![
+                    "tcp:198.19.101.10:5432".into(),
+                    "tcp:[fd00:64:1::10]:27017".into(),
+                ],
             },
         ),
+        ("drain", Request::Drain { on: true }),
         (
             "advertise-exit-node",
             Request::AdvertiseRoutes {
                 routes: vec!["0.0.0.0/0".into(), "::/0".into()],
                 exit_node: true,
+                checks: vec![],
             },
         ),
         (
@@ -419,6 +425,23 @@ fn control_seeds() -> Seeds {
             problem: Some("resolvectl failed".into()),
             command: "resolvectl dns vpcgate0 100.64.0.9 && resolvectl domain vpcgate0 '~mongodb.net'".into(),
         })),
+        advertising: vec![],
+        draining: true,
+        checks: vec![vpcgate_proto::CheckStatus {
+            target: "tcp:198.18.64.20:443".into(),
+            state: "unhealthy".into(),
+            for_secs: Some(4),
+            last: Some("connection refused".into()),
+            last_ok: Some(false),
+            governs: vec!["198.18.64.0/20".into()],
+        }],
+        carriers: vec![vpcgate_proto::CarrierStatus {
+            range: "198.19.101.0/24".into(),
+            via: "gw-b".into(),
+            for_secs: 12,
+            standby: vec!["gw-a".into()],
+        }],
+        failovers: 2,
     };
     let responses = [
         ("status", Response::Status(status)),
@@ -427,6 +450,8 @@ fn control_seeds() -> Seeds {
             Response::Routes {
                 routes: vec!["198.18.64.0/20".into()],
                 warnings: vec![],
+                checks: vec!["tcp:198.18.64.20:443".into()],
+                draining: true,
             },
         ),
         (

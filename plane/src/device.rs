@@ -382,6 +382,7 @@ mod tests {
                     },
                     dns_serving: Vec::new(),
                     choice: Default::default(),
+                    health: Default::default(),
                 }
                 .datapath()
             };

@@ -211,7 +211,8 @@ pub struct Thread {
     pub port: Option<u16>,
     pub taken: BTreeSet<u16>,
     pub mtu: u32,
-    /// The DNS servers the route exchange offers, as last set.
+    /// The ranges and DNS servers the route exchange offers, as last set.
+    pub offered: Vec<IpNet>,
     pub offered_dns: Vec<std::net::IpAddr>,
     pub faults: Faults,
     /// Calls that asked for something (bind, install, apply).
@@ -254,7 +255,8 @@ impl Thread {
                 }
             }
             Step::SetMtu(mtu) => self.mtu = mtu,
-            Step::SetAdvertised(_, dns) => {
+            Step::SetAdvertised(ranges, dns) => {
+                self.offered = ranges;
                 self.offered_dns = dns.map(|d| d.servers().collect()).unwrap_or_default();
             }
             Step::SetLocalAddress(_)

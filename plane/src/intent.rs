@@ -36,6 +36,17 @@ pub enum Intent {
     Advertise {
         routes: Vec<String>,
         exit_node: bool,
+        /// `--check tcp:IP:PORT`, as typed.
+        checks: Vec<String>,
+    },
+    /// `vpcgate drain` (true) and `drain --off` (false).
+    Drain(bool),
+    /// A health check's probe ended.
+    CheckResult {
+        check: crate::health::Check,
+        ok: bool,
+        detail: String,
+        at: Instant,
     },
     /// `vpcgate set`.
     Set(SetOptions),
@@ -86,6 +97,8 @@ impl Intent {
         match self {
             Intent::UapiSet(_) => "uapi-set",
             Intent::Advertise { .. } => "advertise-routes",
+            Intent::Drain(_) => "drain",
+            Intent::CheckResult { .. } => "check-result",
             Intent::Set(_) => "set",
             Intent::PeerAdd(_) => "peer-add",
             Intent::PeerRemove { .. } => "peer-remove",
@@ -107,6 +120,7 @@ impl Intent {
             Intent::RoutesOffered { .. }
                 | Intent::RoutesHeard { .. }
                 | Intent::FailoverTick(_)
+                | Intent::CheckResult { .. }
                 | Intent::LinkObserved(_)
                 | Intent::DnsObserved(_)
         )
@@ -185,22 +199,74 @@ pub fn plan(current: &Desired, intent: Intent) -> Result<Planned, Error> {
             })?;
             (None, key_changed.then(|| "private key changed".to_string()))
         }
-        Intent::Advertise { routes, exit_node } => {
+        Intent::Advertise {
+            routes,
+            exit_node,
+            checks,
+        } => {
             let input = policy::split_list(&routes);
             let routes =
                 policy::validate_advertised(&input, &next.settings.tunnel_networks(), exit_node)?;
+            let checks = crate::health::validate_checks(&policy::split_list(&checks), &routes)?;
             next.settings.advertised_routes = routes.clone();
             next.settings.exit_node = exit_node;
+            next.settings.checks = checks;
             policy::validate_advertisement(&next.settings)?;
             let listed: Vec<String> = routes.iter().map(ToString::to_string).collect();
-            let summary = format!("advertised routes changed: {}", listed.join(","));
+            let checks: Vec<String> = next
+                .settings
+                .checks
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            let mut summary = format!("advertised routes changed: {}", listed.join(","));
+            if !checks.is_empty() {
+                summary.push_str(&format!(", checked by {}", checks.join(",")));
+            }
             (
                 Some(Response::Routes {
                     routes: listed,
                     warnings: Vec::new(),
+                    checks,
+                    draining: next.settings.draining,
                 }),
                 Some(summary),
             )
+        }
+        Intent::Drain(on) => {
+            next.settings.draining = on;
+            let message = match on {
+                true => {
+                    "draining: no range is advertised, so clients move to another gateway; \
+                         forwarding goes on for connections that still arrive; \
+                         `vpcgate drain --off` ends it"
+                }
+                false => "drain ended: the advertised ranges are offered again",
+            };
+            let changed = on != current.settings.draining;
+            (
+                Some(Response::Done {
+                    message: message.to_string(),
+                }),
+                changed.then(|| message.to_string()),
+            )
+        }
+        Intent::CheckResult {
+            check,
+            ok,
+            detail,
+            at,
+        } => {
+            let note =
+                next.health
+                    .record(check, ok, detail.clone(), at)
+                    .map(|healthy| match healthy {
+                        true => format!("health check {check} passes: its ranges are advertised"),
+                        false => format!(
+                            "health check {check} fails ({detail}): its ranges are withdrawn"
+                        ),
+                    });
+            (None, note)
         }
         Intent::Set(options) => {
             apply_options(&mut next, &options)?;
@@ -327,6 +393,8 @@ pub fn plan(current: &Desired, intent: Intent) -> Result<Planned, Error> {
             (Some(Response::Done { message }), None)
         }
     };
+    // Advertise and SIGHUP's reload may change the checks.
+    next.health.follow(&next.settings.checks);
     // A gateway no longer trusted for routes (removed, or accept-routes
     // off) gives up what it carried; another may take it at once.
     let gone: Vec<u64> = next
@@ -416,7 +484,7 @@ fn dns_summary(dns: &crate::settings::DnsSettings) -> String {
 fn no_peer(name: &str) -> Error {
     Error::invalid(format!(
         "no peer named {}; see `vpcgate peer list`",
-        policy::quote(name)
+        crate::text::quote(name)
     ))
 }
 
@@ -449,7 +517,7 @@ fn apply_options(next: &mut Desired, options: &SetOptions) -> Result<(), Error> 
             addresses.push(text.parse::<IpNet>().map_err(|_| {
                 Error::invalid(format!(
                     "{} is not an address with a prefix length, e.g. 100.64.0.1/24",
-                    policy::quote(&text)
+                    crate::text::quote(&text)
                 ))
             })?);
         }
@@ -795,6 +863,7 @@ mod tests {
             },
             dns_serving: Vec::new(),
             choice: Default::default(),
+            health: Default::default(),
         }
     }
 
@@ -857,6 +926,7 @@ mod tests {
                 Intent::Advertise {
                     routes: vec!["100.64.0.0/16".into()],
                     exit_node: false,
+                    checks: Vec::new(),
                 },
                 EINVAL,
                 "",

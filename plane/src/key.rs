@@ -9,7 +9,7 @@ use base64::Engine;
 use boringtun::x25519::{PublicKey, StaticSecret};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
-use crate::policy::quote;
+use crate::text::quote;
 
 /// A 32-byte key. Secrets are zeroized on drop, equality takes the same time
 /// whatever the contents, and `Debug` never shows the bytes.

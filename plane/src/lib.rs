@@ -22,6 +22,7 @@ pub mod errno;
 pub mod failover;
 #[cfg(any(test, feature = "fakes"))]
 pub mod fakes;
+pub mod health;
 pub mod intent;
 pub mod key;
 pub mod model;
@@ -30,6 +31,7 @@ pub mod ports;
 pub mod reconcile;
 pub mod settings;
 pub mod stored;
+pub mod text;
 pub mod view;
 
 #[cfg(test)]

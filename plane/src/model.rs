@@ -39,6 +39,9 @@ pub struct Desired {
     /// Which trusted gateway carries each range two or more offer; learned
     /// routes follow it. Not saved: the learned routes are, and seed it.
     pub choice: crate::failover::Choice,
+    /// What the health checks found. Not saved: each target is proven
+    /// again after a restart.
+    pub health: crate::health::Health,
 }
 
 /// The state files' contents.
@@ -69,6 +72,8 @@ impl Desired {
     ) -> Result<Desired, String> {
         let mut device = DeviceConfig::new(key);
         crate::stored::restore_peers(&mut device, peers)?;
+        let mut health = crate::health::Health::default();
+        health.follow(&settings.checks);
         Ok(Desired {
             interface: interface.to_string(),
             link: LinkState {
@@ -79,6 +84,7 @@ impl Desired {
             settings,
             dns_serving: Vec::new(),
             choice: Default::default(),
+            health,
         })
     }
 
@@ -167,6 +173,17 @@ impl Desired {
         }
     }
 
+    /// What the route exchange offers now: the advertised ranges whose
+    /// checks pass, or nothing while draining. The forwarding scope and
+    /// SNAT keep every advertised range, so connections that still arrive
+    /// (a client yet to move, a stock client) keep working.
+    pub fn advertising(&self) -> Vec<IpNet> {
+        match self.settings.draining {
+            true => Vec::new(),
+            false => self.health.advertisable(&self.settings.advertised_routes),
+        }
+    }
+
     pub fn datapath(&self) -> DatapathState {
         let device = &self.device;
         // Learned routes come first so that a configured prefix, inserted
@@ -204,7 +221,7 @@ impl Desired {
             mtu: self.link.mtu,
             mss: self.mss(),
             local_v4: self.settings.local_v4(),
-            advertised: self.settings.advertised_routes.clone(),
+            advertised: self.advertising(),
             advertised_dns: self.settings.dns_offer(&self.dns_serving),
             priority: self.settings.priority,
         }
@@ -230,6 +247,7 @@ mod tests {
             },
             dns_serving: Vec::new(),
             choice: Default::default(),
+            health: Default::default(),
         };
         let table = RouteTable::build(desired.forward_scope().into_iter().map(|n| (n, ())));
         for (addr, inside) in [

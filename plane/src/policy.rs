@@ -10,18 +10,7 @@ use ipnet::IpNet;
 use vpcgate_node::routes_msg::{self, DnsOffer, MAX_ROUTES};
 
 use crate::settings::Settings;
-
-/// `text` quoted for a message: escaped as `{:?}` escapes it, and cut
-/// short, so hostile input neither floods nor garbles a terminal.
-pub fn quote(text: &str) -> String {
-    const MAX_CHARS: usize = 64;
-    let cut: String = text.chars().take(MAX_CHARS).collect();
-    let mut quoted = format!("{cut:?}");
-    if cut.len() < text.len() {
-        quoted.push('…');
-    }
-    quoted
-}
+use crate::text::quote;
 
 /// Splits what the user typed into prefixes: commas, spaces, or both.
 pub fn split_list(items: &[String]) -> Vec<String> {

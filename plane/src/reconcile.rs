@@ -94,7 +94,11 @@ impl Gates {
             Intent::RoutesOffered { .. } | Intent::RoutesHeard { .. } | Intent::FailoverTick(_) => {
                 Gates::LEARNED
             }
-            Intent::LinkObserved(_) | Intent::DnsObserved(_) => Gates::CONVERGE,
+            // A probe's result changes only what is offered: nothing to
+            // refuse, and a refusal could not be answered to anyone.
+            Intent::LinkObserved(_) | Intent::DnsObserved(_) | Intent::CheckResult { .. } => {
+                Gates::CONVERGE
+            }
             _ => Gates::REQUEST,
         }
     }

@@ -41,6 +41,14 @@ pub struct Settings {
     /// a range prefer the lowest.
     #[serde(default = "default_priority")]
     pub priority: u16,
+    /// Targets that must answer for the advertised ranges around them to
+    /// be advertised (`advertise-routes --check`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<crate::health::Check>,
+    /// `vpcgate drain`: nothing is advertised, so clients move to another
+    /// gateway, while forwarding goes on for whoever still sends.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
 }
 
 /// The DNS forwarder that answers tunnel peers on our tunnel addresses.
@@ -94,6 +102,8 @@ impl Settings {
             mtu: default_mtu(),
             dns: DnsSettings::default(),
             priority: default_priority(),
+            checks: Vec::new(),
+            draining: false,
         }
     }
 

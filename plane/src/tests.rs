@@ -28,6 +28,8 @@ use crate::model::{Desired, LinkState, Persisted};
 use crate::reconcile::{Applied, Engine, Ports};
 use crate::settings::Settings;
 
+mod gateways;
+
 type TestEngine = Engine<FakeStore, FakeNat, FakeLinks, FakeDatapath, FakeResolver>;
 
 /// The machine: its disk survives a crash, the kernel's state does not.
@@ -143,7 +145,11 @@ enum Gen {
         replace: bool,
         peers: Vec<GenPeer>,
     },
-    Advertise(Vec<usize>),
+    /// Ranges, and whether a check on the database host comes with them.
+    Advertise(Vec<usize>, bool),
+    Drain(bool),
+    /// A probe of that check passed or failed.
+    CheckResult(bool),
     Set {
         snat: Option<bool>,
         mtu: Option<u32>,
@@ -180,6 +186,8 @@ const NETS: [&str; 6] = [
     "100.64.0.0/16",
     "0.0.0.0/0",
 ];
+/// A check on a host in `NETS[1]`.
+const CHECK: &str = "tcp:198.19.101.10:5432";
 const ADDRESSES: [&str; 3] = ["100.64.0.1/24", "100.65.0.1/24", "100.64.0.0/24"];
 const NAMES: [&str; 3] = ["laptop", "phone", "gw-b"];
 
@@ -214,7 +222,9 @@ fn gen() -> impl Strategy<Value = Gen> {
                 replace,
                 peers
             }),
-        nets().prop_map(Gen::Advertise),
+        (nets(), any::<bool>()).prop_map(|(nets, checked)| Gen::Advertise(nets, checked)),
+        any::<bool>().prop_map(Gen::Drain),
+        any::<bool>().prop_map(Gen::CheckResult),
         (
             prop::option::of(any::<bool>()),
             prop::option::of(prop_oneof![Just(1000u32), Just(1280), Just(1420)]),
@@ -295,9 +305,20 @@ fn bind(gen: Gen, pick: usize, desired: &Desired, files: &Files) -> Intent {
                 })
                 .collect(),
         }),
-        Gen::Advertise(nets) => Intent::Advertise {
+        Gen::Advertise(nets, checked) => Intent::Advertise {
             routes: nets.into_iter().map(|i| NETS[i].to_string()).collect(),
             exit_node: false,
+            checks: match checked {
+                true => vec![CHECK.to_string()],
+                false => Vec::new(),
+            },
+        },
+        Gen::Drain(on) => Intent::Drain(on),
+        Gen::CheckResult(ok) => Intent::CheckResult {
+            check: CHECK.parse().expect("check"),
+            ok,
+            detail: "probed".into(),
+            at: std::time::Instant::now(),
         },
         Gen::Set {
             snat,
@@ -396,6 +417,7 @@ fn assert_ports_match(m: &Machine, engine: &TestEngine) {
     let projected = desired.datapath();
     assert_eq!(thread.peers, projected.peers);
     assert_eq!(thread.private_key, projected.private_key);
+    assert_eq!(thread.offered, projected.advertised);
     let table = thread.table.as_ref().expect("a table was published");
     let expected = RouteTable::build(projected.routes.iter().copied());
     for (net, _) in &projected.routes {
@@ -755,6 +777,7 @@ fn advertised_ranges_and_dns_zones_must_fit_one_route_message() {
     block_on(engine.handle(Intent::Advertise {
         routes: v6.clone(),
         exit_node: false,
+        checks: Vec::new(),
     }))
     .expect("64 IPv6 ranges fit with the default DNS offer");
     let zones: Vec<String> = (0..20).map(|i| format!("zone{i:02}.example.com")).collect();
@@ -770,6 +793,7 @@ fn advertised_ranges_and_dns_zones_must_fit_one_route_message() {
     block_on(engine.handle(Intent::Advertise {
         routes: v6[..8].to_vec(),
         exit_node: false,
+        checks: Vec::new(),
     }))
     .expect("fewer ranges");
     block_on(engine.handle(Intent::Set(SetOptions {
@@ -779,7 +803,8 @@ fn advertised_ranges_and_dns_zones_must_fit_one_route_message() {
     .expect("zones fit now");
     assert!(block_on(engine.handle(Intent::Advertise {
         routes: v6,
-        exit_node: false
+        exit_node: false,
+        checks: Vec::new(),
     }))
     .is_err());
     assert_eq!(engine.desired().settings.advertised_routes.len(), 8);
@@ -792,6 +817,7 @@ fn dns_is_offered_only_while_the_forwarder_answers() {
     block_on(engine.handle(Intent::Advertise {
         routes: vec!["198.18.64.0/20".into()],
         exit_node: false,
+        checks: Vec::new(),
     }))
     .expect("advertise");
     let offered = || machine.datapath.0.borrow().offered_dns.clone();
@@ -820,97 +846,4 @@ fn dns_is_offered_only_while_the_forwarder_answers() {
     })))
     .expect("dns off");
     assert!(offered().is_empty(), "off in the settings: never offered");
-}
-
-#[test]
-fn a_range_two_gateways_offer_is_carried_by_one_and_moves_when_it_falls_silent() {
-    let machine = Machine::boot(FakeStore::default());
-    let (mut engine, [a, b]) = client_with_gateways(&machine);
-    let t0 = std::time::Instant::now();
-    let ms = |n: u64| t0 + std::time::Duration::from_millis(n);
-    let db: IpNet = "198.19.101.0/24".parse().expect("cidr");
-    let host: std::net::IpAddr = "198.19.101.5".parse().expect("ip");
-    let via = || {
-        machine
-            .datapath
-            .0
-            .borrow()
-            .table
-            .as_ref()
-            .and_then(|t| t.lookup(host))
-    };
-    let offer = |engine: &mut TestEngine, peer, priority, at| {
-        block_on(engine.handle(Intent::RoutesOffered {
-            peer,
-            routes: vec![db],
-            dns: None,
-            local: Vec::new(),
-            priority,
-            at,
-        }))
-        .expect("background intents are not refused");
-    };
-    let heard = |engine: &mut TestEngine, peer, priority, at| {
-        block_on(engine.handle(Intent::RoutesHeard { peer, priority, at }))
-            .expect("background intents are not refused");
-    };
-    let tick = |engine: &mut TestEngine, at| {
-        block_on(engine.handle(Intent::FailoverTick(at))).expect("tick");
-    };
-    offer(&mut engine, a, 100, ms(0));
-    offer(&mut engine, b, 100, ms(100));
-    assert_eq!(via(), Some(a), "the first to offer it carries it");
-    assert_eq!(
-        machine
-            .links
-            .0
-            .borrow()
-            .routes
-            .iter()
-            .filter(|r| **r == db)
-            .count(),
-        1
-    );
-    let carried = |engine: &TestEngine, p| {
-        engine
-            .desired()
-            .device
-            .peer_by_handle(p)
-            .map(|p| p.learned.clone())
-            .unwrap_or_default()
-    };
-    assert_eq!(
-        (carried(&engine, a), carried(&engine, b)),
-        (vec![db], vec![])
-    );
-    // a falls silent after 0 ms; b goes on answering. At 2.5 s, b has it.
-    heard(&mut engine, b, 100, ms(1100));
-    heard(&mut engine, b, 100, ms(2100));
-    tick(&mut engine, ms(2499));
-    assert_eq!(via(), Some(a));
-    tick(&mut engine, ms(2500));
-    assert_eq!(via(), Some(b), "moved off the silent gateway");
-    assert_eq!(
-        (carried(&engine, a), carried(&engine, b)),
-        (vec![], vec![db])
-    );
-    // a is back, preferred: only after its 10 s hold-down.
-    for t in (3000..13_000).step_by(1000) {
-        heard(&mut engine, a, 50, ms(t));
-        heard(&mut engine, b, 100, ms(t + 100));
-        assert_eq!(via(), Some(b), "at {t} ms");
-    }
-    assert_eq!(
-        engine.desired().choice.next_deadline(ms(12_100)),
-        Some(ms(13_000))
-    );
-    tick(&mut engine, ms(13_000));
-    assert_eq!(via(), Some(a), "failback after the hold-down");
-    // a is removed: b carries it at once.
-    block_on(engine.handle(Intent::PeerRemove {
-        name: "gw-a".into(),
-    }))
-    .expect("removed");
-    assert_eq!(via(), Some(b));
-    assert_eq!(engine.desired().choice.failovers(), 2);
 }

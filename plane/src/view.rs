@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::SystemTime;
 
 use vpcgate_node::PeerHandle;
-use vpcgate_proto::{LinkDnsStatus, PeerStatus, Status};
+use vpcgate_proto::{CarrierStatus, CheckStatus, LinkDnsStatus, PeerStatus, Status};
 
 use crate::device::PeerConfig;
 use crate::key::b64;
@@ -52,10 +52,13 @@ pub struct HostFacts {
     /// Whether the resolver holds the link's DNS, and why not.
     pub link_dns_applied: bool,
     pub link_dns_problem: Option<String>,
+    /// Now, for how long checks and carriers have held.
+    pub now: std::time::Instant,
 }
 
 pub fn status(desired: &Desired, live: impl Fn(PeerHandle) -> PeerLive, host: HostFacts) -> Status {
     let settings = &desired.settings;
+    let now = host.now;
     Status {
         interface: desired.interface.clone(),
         public_key: desired
@@ -113,7 +116,75 @@ pub fn status(desired: &Desired, live: impl Fn(PeerHandle) -> PeerLive, host: Ho
                 command: dns.command(&desired.interface),
             })
         }),
+        advertising: desired
+            .advertising()
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        draining: settings.draining,
+        checks: checks(desired, now),
+        carriers: carriers(desired, now),
+        failovers: desired.choice.failovers(),
     }
+}
+
+fn label(desired: &Desired, handle: PeerHandle) -> String {
+    desired
+        .device
+        .peer_by_handle(handle)
+        .map_or_else(|| "a removed peer".to_string(), PeerConfig::label)
+}
+
+fn secs_since(now: std::time::Instant, then: std::time::Instant) -> u64 {
+    now.saturating_duration_since(then).as_secs()
+}
+
+/// Each health check's state and last result.
+pub fn checks(desired: &Desired, now: std::time::Instant) -> Vec<CheckStatus> {
+    desired
+        .health
+        .states()
+        .map(|(check, state)| CheckStatus {
+            target: check.to_string(),
+            state: match (state.healthy, state.proven) {
+                (true, _) => "healthy",
+                (false, true) => "unhealthy",
+                (false, false) => "pending",
+            }
+            .to_string(),
+            for_secs: state.since.map(|since| secs_since(now, since)),
+            last: state.last.as_ref().map(|p| p.detail.clone()),
+            last_ok: state.last.as_ref().map(|p| p.ok),
+            governs: desired
+                .settings
+                .advertised_routes
+                .iter()
+                .filter(|r| r.contains(&check.target.ip()))
+                .map(ToString::to_string)
+                .collect(),
+        })
+        .collect()
+}
+
+/// Which gateway carries each range the choice holds, and who stands by.
+pub fn carriers(desired: &Desired, now: std::time::Instant) -> Vec<CarrierStatus> {
+    let label = |handle| label(desired, handle);
+    desired
+        .choice
+        .owners()
+        .iter()
+        .map(|(range, owner)| CarrierStatus {
+            range: range.to_string(),
+            via: label(owner.gateway),
+            for_secs: secs_since(now, owner.since),
+            standby: desired
+                .choice
+                .standing_by(range, now)
+                .into_iter()
+                .map(label)
+                .collect(),
+        })
+        .collect()
 }
 
 /// One peer's figures, as the metrics exposition needs them.
@@ -131,6 +202,14 @@ pub struct Sample {
     pub drops: Vec<(&'static str, u64)>,
     pub advertised_routes: usize,
     pub accepted_routes: usize,
+    /// The ranges the route exchange offers now.
+    pub advertising: usize,
+    pub draining: bool,
+    /// Each check and whether it passes.
+    pub checks: Vec<(String, bool)>,
+    /// Each range a client carries, and the gateway that carries it.
+    pub carriers: Vec<(String, String)>,
+    pub failovers: u64,
 }
 
 pub fn sample(
@@ -157,5 +236,19 @@ pub fn sample(
         drops,
         advertised_routes: desired.settings.advertised_routes.len(),
         accepted_routes: desired.device.peers.iter().map(|p| p.learned.len()).sum(),
+        advertising: desired.advertising().len(),
+        draining: desired.settings.draining,
+        checks: desired
+            .health
+            .states()
+            .map(|(check, state)| (check.to_string(), state.healthy))
+            .collect(),
+        carriers: desired
+            .choice
+            .owners()
+            .iter()
+            .map(|(range, owner)| (range.to_string(), label(desired, owner.gateway)))
+            .collect(),
+        failovers: desired.choice.failovers(),
     }
 }

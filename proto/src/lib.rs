@@ -76,6 +76,14 @@ pub enum Request {
         routes: Vec<String>,
         #[serde(default)]
         exit_node: bool,
+        /// Health checks, `tcp:IP:PORT` each: a range is advertised only
+        /// while every check inside it passes.
+        #[serde(default)]
+        checks: Vec<String>,
+    },
+    /// Stops (`on`) or resumes advertising every range, for maintenance.
+    Drain {
+        on: bool,
     },
     Set(SetOptions),
     PeerAdd(PeerAdd),
@@ -152,6 +160,10 @@ pub enum Response {
         /// What the user should know, e.g. forwarding is off.
         #[serde(default)]
         warnings: Vec<String>,
+        #[serde(default)]
+        checks: Vec<String>,
+        #[serde(default)]
+        draining: bool,
     },
     Done {
         message: String,
@@ -202,6 +214,51 @@ pub struct Status {
     /// TUN link's split DNS. `None` while none offers any.
     #[serde(default)]
     pub link_dns: Option<Box<LinkDnsStatus>>,
+    /// On a gateway: the ranges the route exchange offers now (the
+    /// advertised ones whose checks pass; none while draining).
+    #[serde(default)]
+    pub advertising: Vec<String>,
+    #[serde(default)]
+    pub draining: bool,
+    #[serde(default)]
+    pub checks: Vec<CheckStatus>,
+    /// On a client: which gateway carries each accepted range.
+    #[serde(default)]
+    pub carriers: Vec<CarrierStatus>,
+    /// On a client: how many times a range moved between gateways.
+    #[serde(default)]
+    pub failovers: u64,
+}
+
+/// One health check on a gateway.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckStatus {
+    /// `tcp:IP:PORT`.
+    pub target: String,
+    /// `healthy`, `unhealthy`, or `pending` before its first success.
+    pub state: String,
+    /// Seconds since the state last changed.
+    #[serde(default)]
+    pub for_secs: Option<u64>,
+    /// The last probe: `connected`, `connection refused`, …
+    #[serde(default)]
+    pub last: Option<String>,
+    #[serde(default)]
+    pub last_ok: Option<bool>,
+    /// The advertised ranges it governs.
+    pub governs: Vec<String>,
+}
+
+/// One accepted range on a client, and the gateways that offer it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CarrierStatus {
+    pub range: String,
+    /// The peer that carries it.
+    pub via: String,
+    /// Seconds since it took the range.
+    pub for_secs: u64,
+    /// Other gateways that offer it and are alive.
+    pub standby: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -397,6 +454,7 @@ mod tests {
         let request = Request::AdvertiseRoutes {
             routes: routes.clone(),
             exit_node: false,
+            checks: Vec::new(),
         };
         assert!(matches!(
             encode(&request),
@@ -405,6 +463,8 @@ mod tests {
         let response = Response::Routes {
             routes,
             warnings: Vec::new(),
+            checks: Vec::new(),
+            draining: false,
         };
         let frame = encode(&response).expect("a large reply encodes");
         assert_eq!(frame.len(), frame.capacity(), "the frame was reallocated");
