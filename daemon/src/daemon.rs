@@ -43,6 +43,8 @@ pub struct Options {
     pub socket_group: Option<String>,
     /// Serve Prometheus metrics here (off when None).
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Where the load balancer's health probe is answered.
+    pub health_listen: Option<std::net::SocketAddr>,
     /// Kernel offloads the data path may use.
     pub offload: Offload,
     /// A plain WireGuard interface, as wg-quick starts one (`vpcgated
@@ -140,6 +142,14 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot serve metrics on {addr}"))?,
+        ),
+        None => None,
+    };
+    let health_listener = match options.health_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot serve the health endpoint on {addr}"))?,
         ),
         None => None,
     };
@@ -248,6 +258,15 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             }
         }
     });
+    let health_task = tokio::spawn({
+        let handle = handle.clone();
+        let heartbeat = heartbeat.clone();
+        async move {
+            if let Some(listener) = health_listener {
+                crate::health::serve(listener, handle, heartbeat).await;
+            }
+        }
+    });
     let watchdog_task = tokio::spawn(watchdog(heartbeat, SdNotifier));
     let desired = owner.engine.desired();
     tracing::info!(
@@ -257,6 +276,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         peers = desired.device.peers.len(),
         public_key = %desired.device.public_key().map(|k| vpcgate_plane::key::b64(&k)).unwrap_or_default(),
         metrics = ?options.metrics_listen,
+        health = ?options.health_listen,
         "vpcgated is up"
     );
     // The data path is running and every socket is served: tell systemd.
@@ -264,7 +284,13 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
 
     let outcome = owner.run(calls, events_rx, exit_rx, link_changes).await;
     owner.notifier.notify(ServiceState::Stopping);
-    for task in [uapi_task, control_task, metrics_task, watchdog_task] {
+    for task in [
+        uapi_task,
+        control_task,
+        metrics_task,
+        health_task,
+        watchdog_task,
+    ] {
         task.abort();
         let _ = task.await;
     }

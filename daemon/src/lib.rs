@@ -7,7 +7,8 @@
 //! ([`dataplane`]), the ports the control plane drives ([`ports`],
 //! [`nat`], [`netlink`], [`state`]), the task that owns the control plane
 //! ([`owner`]) and the servers that talk to it through a [`handle`]
-//! ([`uapi`], [`control`], [`metrics`]), and the DNS forwarder's sockets
+//! ([`uapi`], [`control`], [`metrics`], [`health`], the last two over
+//! [`http`]), and the DNS forwarder's sockets
 //! around the `vpcgate-dns` core ([`dns`]), all wired up by [`daemon`].
 //! ARCHITECTURE.md at the repository root has the diagram and the thread
 //! map.
@@ -23,6 +24,8 @@ pub mod dns;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod handle;
+pub mod health;
+pub mod http;
 pub mod metrics;
 pub mod nat;
 pub mod netlink;

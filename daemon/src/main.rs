@@ -56,6 +56,12 @@ pub struct Args {
     /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9586 (off by default).
     #[arg(long)]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Answer a load balancer's health probe over HTTP on this address,
+    /// e.g. 0.0.0.0:8080 (off by default): 200 while the data path runs, an
+    /// advertised range is healthy by its checks and the gateway is not
+    /// draining; 503 otherwise.
+    #[arg(long)]
+    health_listen: Option<std::net::SocketAddr>,
     /// Let members of this group use the control socket (mode 0660);
     /// otherwise it is root-only.
     #[arg(long)]
@@ -315,6 +321,7 @@ fn main() -> ExitCode {
         mtu: args.mtu,
         socket_group: args.socket_group,
         metrics_listen: args.metrics_listen,
+        health_listen: args.health_listen,
         resolv_conf: args.resolv_conf,
         offload: vpcgated::dataplane::Offload {
             tun: !args.no_offload.iter().any(|o| o == "tun"),

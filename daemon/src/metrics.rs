@@ -1,21 +1,16 @@
 //! Optional Prometheus metrics on `--metrics-listen` (off by default).
 //!
-//! A deliberately small HTTP/1.1 responder: it reads one request head (at
-//! most [`MAX_REQUEST`] bytes, within [`REQUEST_TIMEOUT`]), answers
-//! `GET /metrics` with the text exposition format and anything else with 404,
-//! then closes. Scrapes are rare, so each is built fresh from the control
-//! plane's state; nothing here touches the data path.
+//! `GET /metrics` is answered with the text exposition format, anything
+//! else with 404, by [`crate::http`]. Scrapes are rare, so each is built
+//! fresh from the control plane's state.
 
 use std::fmt::Write as _;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 use crate::handle::{Handle, Scrape};
-
-const MAX_REQUEST: usize = 8 * 1024;
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+use crate::http::{Answer, Head, Reply};
 
 use vpcgate_dns::{Latency, Result as Outcome, Stats};
 pub use vpcgate_plane::view::{PeerSample, Sample};
@@ -294,73 +289,38 @@ fn render_dns(out: &mut String, dns: &Stats) {
 }
 
 pub async fn serve(listener: TcpListener, daemon: Handle) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let daemon = daemon.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = handle(stream, &daemon).await {
-                        tracing::debug!("metrics connection ended: {e}");
-                    }
-                });
-            }
-            Err(e) => {
-                tracing::warn!("metrics accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
+    crate::http::serve(listener, "metrics", Metrics(daemon)).await;
 }
 
-async fn handle(mut stream: TcpStream, daemon: &Handle) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(512);
-    let read = async {
-        let mut chunk = [0u8; 1024];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST {
-            let n = stream.read(&mut chunk).await?;
-            if n == 0 {
-                break;
-            }
-            head.extend_from_slice(&chunk[..n]);
-        }
-        Ok::<_, std::io::Error>(())
-    };
-    tokio::time::timeout(REQUEST_TIMEOUT, read)
-        .await
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-    let first = head.split(|&b| b == b'\n').next().unwrap_or_default();
-    let mut parts = first.split(|&b| b == b' ');
-    let (method, path) = (
-        parts.next().unwrap_or_default(),
-        parts.next().unwrap_or_default(),
-    );
-    let (status, body) =
-        if method == b"GET" && (path == b"/metrics" || path.starts_with(b"/metrics?")) {
-            match daemon.metrics_sample().await {
-                Some(scrape) => ("200 OK", render(&scrape, SystemTime::now())),
-                None => (
-                    "503 Service Unavailable",
-                    "vpcgated is shutting down\n".to_string(),
-                ),
-            }
-        } else {
-            (
+#[derive(Clone)]
+struct Metrics(Handle);
+
+impl Answer for Metrics {
+    async fn answer(&self, head: Head) -> Reply {
+        if !head.is_get("/metrics") {
+            return Reply::text(
                 "404 Not Found",
                 "only GET /metrics is served here\n".to_string(),
-            )
-        };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
+            );
+        }
+        match self.0.metrics_sample().await {
+            Some(scrape) => Reply {
+                status: "200 OK",
+                content_type: "text/plain; version=0.0.4; charset=utf-8",
+                body: render(&scrape, SystemTime::now()),
+            },
+            None => Reply::text(
+                "503 Service Unavailable",
+                "vpcgated is shutting down\n".to_string(),
+            ),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn exposition_has_every_family() {

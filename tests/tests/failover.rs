@@ -29,9 +29,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nix::sys::signal::Signal;
 use vpcgate_e2e::{
-    require_root, sysctl, tcp_transfer, unique_ifname, veth, wait_until, GuideNet, Netns, OrDie,
-    Proc, Vpcgate, VpcgatedConfig, WgDev, DB, GW_ENDPOINT, GW_PORT, GW_VPC, PEERED_RANGE, VPC_HOST,
-    VPC_RANGE, VPC_ROUTER,
+    http_get, require_root, sysctl, tcp_transfer, unique_ifname, veth, wait_until, GuideNet, Netns,
+    OrDie, Proc, Vpcgate, VpcgatedConfig, WgDev, DB, GW_ENDPOINT, GW_PORT, GW_VPC, PEERED_RANGE,
+    VPC_HOST, VPC_RANGE, VPC_ROUTER,
 };
 
 const GW1_TUNNEL: &str = "100.64.0.1/24";
@@ -53,6 +53,9 @@ const TRANSFER: u64 = 1 << 20;
 /// How long to wait for a state the product reaches in seconds; only a
 /// broken build takes longer.
 const SETTLE: Duration = Duration::from_secs(90);
+/// gw1's health endpoint, for a load balancer in the VPC.
+const HEALTH_LISTEN: &str = "0.0.0.0:9000";
+const HEALTH_PORT: u16 = 9000;
 const DEAD_BOUND: Duration = Duration::from_secs(3);
 const WITHDRAW_BOUND: Duration = Duration::from_secs(5);
 
@@ -125,8 +128,9 @@ struct Gw {
 }
 
 impl Gw {
-    fn start(ns: &Netns, tag: &str, address: &str) -> Gw {
+    fn start(ns: &Netns, tag: &str, address: &str, args: &[&str]) -> Gw {
         let mut cfg = VpcgatedConfig::new(GW_PORT, address);
+        cfg.extra_args = args.iter().map(|a| a.to_string()).collect();
         cfg.interface = Some(unique_ifname(tag));
         cfg.state_dir = Some(ns.dir().join(format!("state-{tag}")));
         let dev = WgDev::vpcgated(ns, tag, &cfg).or_die("start the gateway");
@@ -169,6 +173,27 @@ impl Gw {
         let json = self.ctl.status().or_die("gateway status").json;
         serde_json::from_value(json).or_die("gateway status JSON")
     }
+}
+
+fn local_health() -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), HEALTH_PORT)
+}
+
+/// A GET of the health endpoint from `ns`: the status code and the body.
+fn health(ns: &Netns, addr: SocketAddr) -> (u16, String) {
+    let response =
+        http_get(ns, addr, "GET /health HTTP/1.1\r\nHost: lb\r\n\r\n").or_die("health endpoint");
+    let code = response
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {response:?}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .trim()
+        .to_string();
+    (code, body)
 }
 
 /// The laptop's view: which peer carries `range`.
@@ -275,8 +300,13 @@ fn two_gateways_fail_over_on_death_lost_path_and_drain_and_fail_back() {
     );
 
     let ranges = format!("{VPC_RANGE},{PEERED_RANGE}");
-    let mut gw1 = Gw::start(&net.gw, "gwa", GW1_TUNNEL);
-    let gw2 = Gw::start(&gw2_ns, "gwb", GW2_TUNNEL);
+    let mut gw1 = Gw::start(
+        &net.gw,
+        "gwa",
+        GW1_TUNNEL,
+        &["--health-listen", HEALTH_LISTEN],
+    );
+    let gw2 = Gw::start(&gw2_ns, "gwb", GW2_TUNNEL, &[]);
     for (gw, endpoint, priority) in [(&gw1, GW_ENDPOINT, "50"), (&gw2, GW2_ENDPOINT, "100")] {
         gw.ctl
             .run(&["set", "--public-endpoint", endpoint, "--priority", priority])
@@ -356,6 +386,13 @@ fn two_gateways_fail_over_on_death_lost_path_and_drain_and_fail_back() {
         );
     }
     assert_eq!(transfer(&net, 7001), IpAddr::V4(GW_VPC), "via gw1");
+    // A load balancer's probe from the VPC.
+    let (code, body) = health(
+        &net.vpchost,
+        SocketAddr::new(IpAddr::V4(GW_VPC), HEALTH_PORT),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("2 of 2"), "{body}");
 
     let mut ping: Proc = net
         .client
@@ -402,6 +439,11 @@ fn two_gateways_fail_over_on_death_lost_path_and_drain_and_fail_back() {
         status.checks
     );
     events.push(("gw1's VPC link cut", t, WITHDRAW_BOUND));
+    // No probe reaches gw1 from the VPC now; asked on gw1 itself, its
+    // endpoint says why it is out.
+    let (code, body) = health(&net.gw, local_health());
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("failing checks"), "{body}");
 
     // 4. The link is back.
     let t = now();
@@ -414,6 +456,7 @@ fn two_gateways_fail_over_on_death_lost_path_and_drain_and_fail_back() {
     wait_carrier(&laptop, "gw1");
     assert_eq!(transfer(&net, 7005), IpAddr::V4(GW_VPC), "back via gw1");
     events.push(("gw1's link back (failback)", t, DEAD_BOUND));
+    assert_eq!(health(&net.gw, local_health()).0, 200);
 
     // 5. gw1 is drained, and stays drained across a restart.
     let t = now();
@@ -421,6 +464,12 @@ fn two_gateways_fail_over_on_death_lost_path_and_drain_and_fail_back() {
     wait_carrier(&laptop, "gw2");
     assert_eq!(transfer(&net, 7006), IpAddr::V4(GW2_VPC), "via gw2");
     events.push(("gw1 drained", t, WITHDRAW_BOUND));
+    let (code, body) = health(
+        &net.vpchost,
+        SocketAddr::new(IpAddr::V4(GW_VPC), HEALTH_PORT),
+    );
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("draining"), "{body}");
     let t = now();
     gw1.kill(Signal::SIGTERM);
     gw1.restart();
