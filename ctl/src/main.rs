@@ -3,6 +3,7 @@
 //! messages and warnings go to stderr, so output can be piped into a file.
 
 mod doctor;
+mod identity;
 mod public_endpoint;
 mod qr;
 
@@ -62,6 +63,10 @@ enum Cmd {
     },
     /// Change settings; each is validated, saved and applied live.
     Set(SetArgs),
+    /// Carry this gateway's identity (key, peers, settings) to a second
+    /// gateway behind the same load balancer, for stock WireGuard clients.
+    #[command(subcommand)]
+    Identity(identity::IdentityCmd),
     /// Add, remove and list peers, and print client configs.
     #[command(subcommand)]
     Peer(PeerCmd),
@@ -556,6 +561,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Response::Done { message } => report(&message, json)?,
             other => return Err(unexpected(other)),
         },
+        Cmd::Identity(identity::IdentityCmd::Export) => {
+            match request(socket, &Request::IdentityExport)? {
+                Response::Identity { document } => {
+                    identity::print(&zeroize::Zeroizing::new(document))?
+                }
+                other => return Err(unexpected(other)),
+            }
+        }
+        Cmd::Identity(identity::IdentityCmd::Import { file }) => {
+            let document = identity::read(&file)?;
+            let mut ask = Request::IdentityImport {
+                document: document.to_string(),
+            };
+            let answer = request(socket, &ask);
+            if let Request::IdentityImport { document } = &mut ask {
+                zeroize::Zeroize::zeroize(document);
+            }
+            match answer? {
+                Response::Done { message } => report(&message, json)?,
+                other => return Err(unexpected(other)),
+            }
+        }
         Cmd::Set(args) => {
             let options = SetOptions {
                 snat: args.snat,

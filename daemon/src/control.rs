@@ -83,8 +83,10 @@ async fn send(stream: &mut UnixStream, mut response: Response) -> std::io::Resul
             zeroize::Zeroizing::new(proto::encode(&error).map_err(std::io::Error::other)?)
         }
     };
-    // A client config holds the client's private key.
+    // A client config holds the client's private key, an identity the
+    // gateway's.
     if let Response::PeerConfig { config }
+    | Response::Identity { document: config }
     | Response::PeerAdded {
         config: Some(config),
         ..

@@ -383,7 +383,20 @@ fn check_request_fields(request: &Request) {
                 let _ = subnet::parse_prefix(&text);
             }
         }
+        Request::IdentityImport { document } => {
+            // A document that parses is checked whole; one that passes
+            // reads back as itself.
+            if let Ok(identity) = vpcgate_plane::identity::Identity::parse(document) {
+                let current = vpcgate_plane::settings::Settings::new(Vec::new(), 51820);
+                if vpcgate_plane::identity::validate(&identity, &current).is_ok() {
+                    let text = identity.to_text().expect("an identity writes");
+                    let back = vpcgate_plane::identity::Identity::parse(&text);
+                    assert!(back.as_ref() == Ok(&identity), "identity round trip");
+                }
+            }
+        }
         Request::Status
+        | Request::IdentityExport
         | Request::Drain { .. }
         | Request::GetAdvertisedRoutes
         | Request::PeerRemove { .. }

@@ -16,6 +16,8 @@ use std::time::Duration;
 use futures::{FutureExt, StreamExt};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
+use vpcgate_plane::errno::{EINVAL, EIO, ENOKEY};
+use vpcgate_plane::identity::Identity;
 use vpcgate_plane::intent::{self, Error, Intent, NewPeer};
 use vpcgate_plane::model::{Desired, LinkState};
 use vpcgate_plane::ports::{Nat, Notifier, ServiceState};
@@ -265,6 +267,24 @@ impl Owner {
             }
             Request::PeerConfig { name } => intent::peer_config(self.desired(), &name)
                 .map(|config| Response::PeerConfig { config }),
+            Request::IdentityExport => Identity::of(self.desired())
+                .ok_or_else(|| Error::new(ENOKEY, "this node has no private key yet"))
+                .and_then(|identity| identity.to_text().map_err(|e| Error::new(EIO, e)))
+                .map(|document| Response::Identity { document }),
+            Request::IdentityImport { mut document } => {
+                let parsed = Identity::parse(&document);
+                zeroize::Zeroize::zeroize(&mut document);
+                match parsed {
+                    Ok(identity) => {
+                        self.handle(Intent::ImportIdentity(Box::new(identity)))
+                            .await
+                    }
+                    Err(why) => Err(Error::new(
+                        EINVAL,
+                        format!("the identity is refused: {why}; nothing was changed"),
+                    )),
+                }
+            }
         };
         result.unwrap_or_else(|e| Response::Error { message: e.message })
     }

@@ -303,6 +303,20 @@ fn control_seeds() -> Seeds {
             },
         ),
         ("drain", Request::Drain { on: true }),
+        ("identity-export", Request::IdentityExport),
+        (
+            "identity-import",
+            Request::IdentityImport {
+                document: concat!(
+                    r#"{"format":"vpcgate-identity/1","#,
+                    r#""private_key":"AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=","#,
+                    r#""settings":{"addresses":["100.64.0.1/24"],"listen_port":51820,"#,
+                    r#""advertised_routes":["198.19.101.0/24"],"#,
+                    r#""checks":["tcp:198.19.101.10:5432"]},"peers":[]}"#
+                )
+                .to_string(),
+            },
+        ),
         (
             "advertise-exit-node",
             Request::AdvertiseRoutes {

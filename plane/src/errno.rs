@@ -9,3 +9,4 @@ pub const ENODEV: i32 = 19;
 pub const EINVAL: i32 = 22;
 pub const ENOSPC: i32 = 28;
 pub const EADDRINUSE: i32 = 98;
+pub const ENOKEY: i32 = 126;

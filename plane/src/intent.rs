@@ -78,6 +78,9 @@ pub enum Intent {
     /// The DNS forwarder reported where it answers with an upstream to
     /// ask (nowhere while it has none).
     DnsObserved(Vec<IpAddr>),
+    /// `vpcgate identity import`: another gateway's key, peers and
+    /// settings, to stand in for it.
+    ImportIdentity(Box<crate::identity::Identity>),
     /// SIGHUP: the state files as they were just read.
     Reload {
         settings: Option<Settings>,
@@ -108,6 +111,7 @@ impl Intent {
             Intent::LinkObserved(_) => "link-observed",
             Intent::DnsObserved(_) => "dns-observed",
             Intent::Reload { .. } => "reload",
+            Intent::ImportIdentity(_) => "identity-import",
         }
     }
 
@@ -381,6 +385,30 @@ pub fn plan(current: &Desired, intent: Intent) -> Result<Planned, Error> {
                 _ => None,
             };
             (None, note)
+        }
+        Intent::ImportIdentity(identity) => {
+            let (key, settings) = crate::identity::validate(&identity, &next.settings)
+                .map_err(|why| Error::new(EINVAL, format!("the identity is refused: {why}")))?;
+            next.device.private_key = Some(key);
+            if let Some(own) = next.device.public_key() {
+                next.device.peers.retain(|p| p.public_key.0 != own);
+            }
+            reload(&mut next, Some(settings), &identity.peers)?;
+            let message = format!(
+                "identity imported: public key {}, {} peers, {} advertised ranges",
+                next.device
+                    .public_key()
+                    .map(|k| crate::key::b64(&k))
+                    .unwrap_or_default(),
+                next.device.peers.len(),
+                next.settings.advertised_routes.len()
+            );
+            (
+                Some(Response::Done {
+                    message: message.clone(),
+                }),
+                Some(message),
+            )
         }
         Intent::Reload { settings, peers } => {
             reload(&mut next, settings, &peers)?;

@@ -23,6 +23,7 @@ pub mod failover;
 #[cfg(any(test, feature = "fakes"))]
 pub mod fakes;
 pub mod health;
+pub mod identity;
 pub mod intent;
 pub mod key;
 pub mod model;

@@ -94,6 +94,12 @@ pub enum Request {
     PeerConfig {
         name: String,
     },
+    /// This gateway's key, peers and settings, for a second gateway.
+    IdentityExport,
+    /// Stand in for the gateway that exported `document`.
+    IdentityImport {
+        document: String,
+    },
 }
 
 /// Settings to change; `None` leaves one as it is.
@@ -179,6 +185,10 @@ pub enum Response {
     },
     PeerConfig {
         config: String,
+    },
+    /// `identity export`'s document; it holds the private key.
+    Identity {
+        document: String,
     },
     Error {
         message: String,

@@ -30,8 +30,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use nix::sys::signal::Signal;
 use vpcgate_e2e::{
     http_get, require_root, sysctl, tcp_transfer, unique_ifname, veth, wait_until, GuideNet, Netns,
-    OrDie, Proc, Vpcgate, VpcgatedConfig, WgDev, DB, GW_ENDPOINT, GW_PORT, GW_VPC, PEERED_RANGE,
-    VPC_HOST, VPC_RANGE, VPC_ROUTER,
+    OrDie, Proc, Vpcgate, VpcgatedConfig, WgDev, WgQuick, DB, GW_ENDPOINT, GW_PORT, GW_VPC,
+    PEERED_RANGE, VPC_HOST, VPC_RANGE, VPC_ROUTER,
 };
 
 const GW1_TUNNEL: &str = "100.64.0.1/24";
@@ -39,6 +39,7 @@ const GW2_TUNNEL: &str = "100.64.0.3/24";
 const LAPTOP_TUNNEL: &str = "100.64.0.5/24";
 const GW2_PUBLIC: &str = "198.18.3.10/24";
 const GW2_INET_SIDE: &str = "198.18.3.1";
+const GW2_ADDR: &str = "198.18.3.10";
 const GW2_ENDPOINT: &str = "198.18.3.10:51820";
 const GW2_VPC: Ipv4Addr = Ipv4Addr::new(198, 18, 64, 11);
 /// The database's port, which both gateways probe.
@@ -257,6 +258,27 @@ fn longest_gap(replies: &[f64], from: f64, to: f64) -> Option<Duration> {
     Some(Duration::from_secs_f64(longest))
 }
 
+/// The second gateway VM: its own public address, the same VPC subnet and
+/// its own route to the peered network.
+fn second_gateway(net: &GuideNet) -> Netns {
+    let ns = Netns::new("gw2").or_die("namespace");
+    sysctl(&ns, "net.ipv4.ip_forward", "1").or_die("forwarding");
+    veth(
+        &ns,
+        &net.inet,
+        &[GW2_PUBLIC],
+        &[&format!("{GW2_INET_SIDE}/24")],
+    )
+    .or_die("gw2's public NIC");
+    ns.ip(&["route", "add", "default", "via", GW2_INET_SIDE])
+        .or_die("gw2's default route");
+    net.attach_to_vpc(&ns, &[&format!("{GW2_VPC}/20")])
+        .or_die("gw2's VPC NIC");
+    ns.ip(&["route", "add", PEERED_RANGE, "via", &VPC_ROUTER.to_string()])
+        .or_die("gw2's route to the peered network");
+    ns
+}
+
 #[test]
 fn a_gap_belongs_to_the_event_it_ends_after() {
     // Replies every 0.05 s, an outage from 2.0 to 5.0; the next event at 4.
@@ -274,25 +296,8 @@ fn a_gap_belongs_to_the_event_it_ends_after() {
 fn two_gateways_fail_over_on_death_lost_path_and_drain_and_fail_back() {
     require_root();
     let net = GuideNet::new().or_die("network");
-    // The second gateway VM: its own public address, the same VPC subnet.
-    let gw2_ns = Netns::new("gw2").or_die("namespace");
-    sysctl(&gw2_ns, "net.ipv4.ip_forward", "1").or_die("forwarding");
-    veth(
-        &gw2_ns,
-        &net.inet,
-        &[GW2_PUBLIC],
-        &[&format!("{GW2_INET_SIDE}/24")],
-    )
-    .or_die("gw2's public NIC");
-    gw2_ns
-        .ip(&["route", "add", "default", "via", GW2_INET_SIDE])
-        .or_die("gw2's default route");
-    net.attach_to_vpc(&gw2_ns, &[&format!("{GW2_VPC}/20")])
-        .or_die("gw2's VPC NIC");
+    let gw2_ns = second_gateway(&net);
     let router = VPC_ROUTER.to_string();
-    gw2_ns
-        .ip(&["route", "add", PEERED_RANGE, "via", &router])
-        .or_die("gw2's route to the peered network");
     let _db_port = Listener::start(&net.db, SocketAddr::new(IpAddr::V4(DB), DB_PORT));
     let _vpc_port = Listener::start(
         &net.vpchost,
@@ -533,4 +538,142 @@ fn two_gateways_fail_over_on_death_lost_path_and_drain_and_fail_back() {
         .find(|c| c.range == PEERED_RANGE)
         .expect("carried");
     assert_eq!(peered.standby, vec!["gw2".to_string()]);
+}
+
+/// The address stock clients are given, which the network routes to one
+/// gateway or the other (a floating address or a load balancer's).
+const FLOATING: &str = "198.18.5.1";
+const FLOATING_ENDPOINT: &str = "198.18.5.1:51820";
+/// A stock client whose gateway is replaced recovers when its own timers
+/// make it handshake again: it sends a new initiation once 15 s (keepalive
+/// 10 s + rekey timeout 5 s) pass without an answer to its data, and
+/// retries it every 5 s. The bound allows one lost retry, and is set by
+/// WireGuard's timers, not this machine's speed.
+const STOCK_BOUND: Duration = Duration::from_secs(27);
+
+#[test]
+fn a_stock_client_follows_a_floating_address_to_a_twin_gateway() {
+    require_root();
+    let net = GuideNet::new().or_die("network");
+    let gw2_ns = second_gateway(&net);
+    let _db_port = Listener::start(&net.db, SocketAddr::new(IpAddr::V4(DB), DB_PORT));
+    for ns in [&net.gw, &gw2_ns] {
+        ns.ip(&["addr", "add", &format!("{FLOATING}/32"), "dev", "lo"])
+            .or_die("the floating address");
+    }
+    let gw1_public = vpcgate_e2e::GW_PUBLIC.to_string();
+    net.inet
+        .ip(&[
+            "route",
+            "add",
+            &format!("{FLOATING}/32"),
+            "via",
+            &gw1_public,
+        ])
+        .or_die("float to gw1");
+
+    let gw1 = Gw::start(&net.gw, "gwa", GW1_TUNNEL, &[]);
+    // gw2 starts as a gateway of its own, with its own key and address.
+    let gw2 = Gw::start(&gw2_ns, "gwb", GW2_TUNNEL, &[]);
+    let ranges = format!("{VPC_RANGE},{PEERED_RANGE}");
+    gw1.ctl
+        .run(&["set", "--public-endpoint", FLOATING_ENDPOINT])
+        .or_die("set");
+    gw1.ctl
+        .run(&["advertise-routes", &ranges, "--check", DB_CHECK])
+        .or_die("advertise");
+    let conf = gw1.ctl.add_client("phone").or_die("a stock client");
+    let client_key = conf.public_key().or_die("client key");
+
+    // The identity, carried as a file: refused while others may read it.
+    let document = gw1.ctl.run(&["identity", "export"]).or_die("export");
+    assert!(document.contains("vpcgate-identity/1"));
+    let file = gw2_ns.dir().join("identity.json");
+    std::fs::write(&file, &document).or_die("write the identity");
+    let path = file.to_str().expect("utf-8 path");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).or_die("chmod");
+    let own_key = gw2.public_key();
+    let refused = gw2.ctl.output(&["identity", "import", path]).or_die("run");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("chmod 600"),
+        "{stderr}"
+    );
+    assert_eq!(
+        gw2.public_key(),
+        own_key,
+        "a refused import changes nothing"
+    );
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).or_die("chmod");
+    gw2.ctl.run(&["identity", "import", path]).or_die("import");
+    assert_eq!(gw2.public_key(), gw1.public_key(), "the twin has the key");
+    let twin = gw2.status();
+    assert_eq!(twin.advertised_routes.len(), 2);
+    assert_eq!(twin.checks.len(), 1);
+    assert!(twin
+        .peers
+        .iter()
+        .any(|p| p.name.as_deref() == Some("phone")));
+    assert_eq!(
+        twin.addresses,
+        vec![GW1_TUNNEL.to_string()],
+        "and the tunnel address"
+    );
+
+    let _client = WgQuick::up(&net.client, &conf).or_die("wg-quick up");
+    wait_until(SETTLE, "gw2 to offer the ranges", || {
+        Ok(gw2.status().advertising.len() == 2)
+    })
+    .or_die("gw2 offers");
+    assert_eq!(transfer(&net, 7101), IpAddr::V4(GW_VPC), "via gw1");
+    let mut ping: Proc = net
+        .client
+        .spawn(
+            "ping20hz",
+            &["ping", "-n", "-D", "-i", "0.05", "-W", "1", &DB.to_string()],
+            &[],
+        )
+        .or_die("ping");
+    let log = ping.log_path().to_path_buf();
+    let replies = || reply_times(&std::fs::read_to_string(&log).unwrap_or_default());
+    wait_until(SETTLE, "the first ping replies", || Ok(replies().len() > 5)).or_die("ping");
+
+    // The address moves to gw2, as a load balancer's target or a cloud
+    // route would.
+    let moved = now();
+    net.inet
+        .ip(&[
+            "route",
+            "replace",
+            &format!("{FLOATING}/32"),
+            "via",
+            GW2_ADDR,
+        ])
+        .or_die("float to gw2");
+    wait_until(SETTLE, "the client to handshake with gw2", || {
+        let dump = gw2.dev.as_ref().expect("running").dump()?;
+        Ok(dump
+            .peer(&client_key)
+            .is_some_and(|p| p.latest_handshake as f64 >= moved - 1.0))
+    })
+    .or_die("handshake with the twin");
+    wait_until(SETTLE, "ping replies through gw2", || {
+        Ok(replies().iter().any(|&t| t > moved) && {
+            let last = replies().last().copied().unwrap_or(0.0);
+            last > now() - 1.0
+        })
+    })
+    .or_die("replies");
+    assert_eq!(transfer(&net, 7102), IpAddr::V4(GW2_VPC), "via gw2");
+    let end = now();
+    ping.signal(Signal::SIGINT).or_die("stop ping");
+    let _ = ping.wait_timeout(Duration::from_secs(10));
+    let gap = longest_gap(&replies(), moved, end).expect("replies after the move");
+    eprintln!(
+        "stock client (wg-quick + wireguard-go), floating address moved to the twin: \
+         longest gap in its 20 Hz ping {} ms",
+        gap.as_millis()
+    );
+    assert!(gap <= STOCK_BOUND, "{gap:?} > {STOCK_BOUND:?}");
 }

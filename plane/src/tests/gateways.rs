@@ -223,3 +223,93 @@ fn a_range_two_gateways_offer_is_carried_by_one_and_moves_when_it_falls_silent()
     assert_eq!(via(), Some(b));
     assert_eq!(engine.desired().choice.failovers(), 2);
 }
+
+#[test]
+fn an_identity_makes_a_second_gateway_the_first_ones_twin() {
+    use crate::identity::Identity;
+    let first = Machine::boot(FakeStore::default());
+    first.store.0.borrow_mut().files.key = Some(Key([3; 32]));
+    let mut gw1 = first.start();
+    advertise(&mut gw1, &[VPC, DB], &[DB_CHECK]).expect("advertise");
+    block_on(gw1.handle(Intent::PeerAdd(NewPeer {
+        request: PeerAdd {
+            name: "laptop".into(),
+            public_key: Some(b64(&[7; 32])),
+            allowed_ips: vec!["100.64.0.5/32".into()],
+            ..PeerAdd::default()
+        },
+        endpoint: None,
+        generated_key: None,
+    })))
+    .expect("peer");
+    let text = Identity::of(gw1.desired())
+        .expect("it has a key")
+        .to_text()
+        .expect("written");
+
+    let second = Machine::boot(FakeStore::default());
+    second.store.0.borrow_mut().files.settings = Some({
+        let mut own = initial_settings();
+        own.listen_port = 51821;
+        own
+    });
+    let mut gw2 = second.start();
+    block_on(gw2.handle(Intent::Drain(true))).expect("drain");
+    let before = (second.calls(), gw2.desired().clone());
+    // Documents that are not whole and sound change nothing.
+    let refused = [
+        text.replace("vpcgate-identity/1", "vpcgate-identity/9"),
+        {
+            let mut keyless = Identity::parse(&text).expect("parsed");
+            keyless.private_key = "not-a-key".into();
+            keyless.to_text().expect("written")
+        },
+        text.replace("198.19.101.0/24", "198.19.102.0/24"),
+        text.replace("\"format\"", "\"surprise\": 1, \"format\""),
+        text[..text.len() / 2].to_string(),
+    ];
+    for (i, bad) in refused.into_iter().enumerate() {
+        let outcome = Identity::parse(&bad).and_then(|identity| {
+            block_on(gw2.handle(Intent::ImportIdentity(Box::new(identity))))
+                .map(|_| ())
+                .map_err(|e| e.message)
+        });
+        let err = outcome.expect_err(&format!("document {i} refused"));
+        assert!(!err.is_empty());
+    }
+    assert!(
+        (second.calls(), gw2.desired().clone()) == before,
+        "a refused identity changed something"
+    );
+
+    let identity = Identity::parse(&text).expect("parsed");
+    block_on(gw2.handle(Intent::ImportIdentity(Box::new(identity)))).expect("imported");
+    let (one, two) = (gw1.desired(), gw2.desired());
+    assert_eq!(two.device.public_key(), one.device.public_key());
+    assert_eq!(
+        two.settings.advertised_routes,
+        one.settings.advertised_routes
+    );
+    assert_eq!(two.settings.checks, one.settings.checks);
+    assert_eq!(two.settings.addresses, one.settings.addresses);
+    let peers: Vec<_> = two
+        .device
+        .peers
+        .iter()
+        .map(|p| (p.name.clone(), p.public_key.0, p.allowed_ips.clone()))
+        .collect();
+    assert_eq!(
+        peers,
+        vec![(
+            Some("laptop".to_string()),
+            [7; 32],
+            vec!["100.64.0.5/32".parse::<IpNet>().expect("cidr")]
+        )]
+    );
+    assert_eq!(two.settings.listen_port, 51821, "the port stays its own");
+    assert!(two.settings.draining, "and so does the drain");
+    // Saved: a restart is the twin too.
+    let gw2 = second.start();
+    assert_eq!(gw2.desired().device.public_key(), one.device.public_key());
+    assert_eq!(gw2.desired().device.peers.len(), 1);
+}
