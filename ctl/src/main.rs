@@ -184,6 +184,12 @@ enum PeerCmd {
     Remove { name: String },
     /// List peers.
     List,
+    /// Print a peer as a document that `peer import` on a second gateway
+    /// adds with the same key, name and addresses (no secrets in it):
+    /// `vpcgate peer export laptop | ssh gw2 sudo vpcgate peer import -`.
+    Export { name: String },
+    /// Add a peer from `peer export` (FILE, or - for standard input).
+    Import { file: String },
     /// Print a generated peer's client config again, with the current routes.
     Config {
         name: String,
@@ -670,6 +676,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             other => return Err(unexpected(other)),
         },
+        Cmd::Peer(PeerCmd::Export { name }) => match request(socket, &Request::PeerList)? {
+            Response::Peers { peers } => print!("{}", identity::peer_document(&peers, &name)?),
+            other => return Err(unexpected(other)),
+        },
+        Cmd::Peer(PeerCmd::Import { file }) => {
+            let add = identity::read_peer(&file)?;
+            match request(socket, &Request::PeerAdd(add))? {
+                response @ Response::PeerAdded { .. } if json => print_json(&response)?,
+                Response::PeerAdded {
+                    name, allowed_ips, ..
+                } => eprintln!(
+                    "added peer {name} with allowed IPs {}",
+                    allowed_ips.join(", ")
+                ),
+                other => return Err(unexpected(other)),
+            }
+        }
         Cmd::Peer(PeerCmd::Config { name, qr }) => {
             match request(socket, &Request::PeerConfig { name })? {
                 Response::PeerConfig { config } if json => {

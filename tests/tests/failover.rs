@@ -349,21 +349,44 @@ fn two_gateways_fail_over_on_death_lost_path_and_drain_and_fail_back() {
     .or_die("laptop");
     let laptop = Vpcgate::for_dev(&laptop_dev).or_die("CLI");
     let laptop_key = laptop_dev.public_key().or_die("key");
+    gw1.ctl
+        .run(&[
+            "peer",
+            "add",
+            "laptop",
+            "--public-key",
+            &laptop_key,
+            "--allowed-ips",
+            "100.64.0.5/32",
+            "--keepalive",
+            "25",
+        ])
+        .or_die("add the laptop on gw1");
+    // gw2 takes the same client from gw1's export, with one command.
+    let exported = gw1.ctl.run(&["peer", "export", "laptop"]).or_die("export");
+    gw2.ctl
+        .run_stdin(&["peer", "import", "-"], Some(exported.as_bytes()))
+        .or_die("import the laptop on gw2");
+    let twin: Vec<_> = gw2
+        .status()
+        .peers
+        .into_iter()
+        .map(|p| (p.name, p.public_key, p.allowed_ips, p.persistent_keepalive))
+        .collect();
+    assert_eq!(
+        twin,
+        vec![(
+            Some("laptop".to_string()),
+            laptop_key.clone(),
+            vec!["100.64.0.5/32".to_string()],
+            Some(25)
+        )],
+        "the same key, name, address and keepalive"
+    );
     for (name, gw, endpoint, tunnel) in [
         ("gw1", &gw1, GW_ENDPOINT, "100.64.0.1/32"),
         ("gw2", &gw2, GW2_ENDPOINT, "100.64.0.3/32"),
     ] {
-        gw.ctl
-            .run(&[
-                "peer",
-                "add",
-                "laptop",
-                "--public-key",
-                &laptop_key,
-                "--allowed-ips",
-                "100.64.0.5/32",
-            ])
-            .or_die("add the laptop on a gateway");
         laptop
             .run(&[
                 "peer",
