@@ -236,6 +236,25 @@ fn now() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
+/// A 20 Hz ping from the laptop to the database, once it is answered.
+fn start_ping(net: &GuideNet) -> Proc {
+    let ping = net
+        .client
+        .spawn(
+            "ping20hz",
+            &["ping", "-n", "-D", "-i", "0.05", "-W", "1", &DB.to_string()],
+            &[],
+        )
+        .or_die("ping");
+    // ping writes each reply as it comes.
+    let log = ping.log_path().to_path_buf();
+    wait_until(SETTLE, "the first ping replies", || {
+        Ok(reply_times(&std::fs::read_to_string(&log).unwrap_or_default()).len() > 5)
+    })
+    .or_die("ping");
+    ping
+}
+
 /// The receive times of the replies in `ping -D` output.
 fn reply_times(log: &str) -> Vec<f64> {
     log.lines()
@@ -422,20 +441,7 @@ fn two_gateways_fail_over_on_death_lost_path_and_drain_and_fail_back() {
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("2 of 2"), "{body}");
 
-    let mut ping: Proc = net
-        .client
-        .spawn(
-            "ping20hz",
-            &["ping", "-n", "-D", "-i", "0.05", "-W", "1", &DB.to_string()],
-            &[],
-        )
-        .or_die("ping");
-    // ping writes each reply as it comes.
-    let log = ping.log_path().to_path_buf();
-    wait_until(SETTLE, "the first ping replies", || {
-        Ok(reply_times(&std::fs::read_to_string(&log).unwrap_or_default()).len() > 5)
-    })
-    .or_die("ping");
+    let mut ping = start_ping(&net);
     let mut events: Vec<(&str, f64, Duration)> = Vec::new();
 
     // 1. gw1 dies.
@@ -650,17 +656,9 @@ fn a_stock_client_follows_a_floating_address_to_a_twin_gateway() {
     })
     .or_die("gw2 offers");
     assert_eq!(transfer(&net, 7101), IpAddr::V4(GW_VPC), "via gw1");
-    let mut ping: Proc = net
-        .client
-        .spawn(
-            "ping20hz",
-            &["ping", "-n", "-D", "-i", "0.05", "-W", "1", &DB.to_string()],
-            &[],
-        )
-        .or_die("ping");
+    let mut ping = start_ping(&net);
     let log = ping.log_path().to_path_buf();
     let replies = || reply_times(&std::fs::read_to_string(&log).unwrap_or_default());
-    wait_until(SETTLE, "the first ping replies", || Ok(replies().len() > 5)).or_die("ping");
 
     // The address moves to gw2, as a load balancer's target or a cloud
     // route would.
