@@ -473,6 +473,12 @@ fn two_gateways_fail_over_on_death_lost_path_and_drain_and_fail_back() {
         status.checks
     );
     events.push(("gw1's VPC link cut", t, WITHDRAW_BOUND));
+    let human = gw1.ctl.run(&["status"]).or_die("status");
+    assert!(
+        human.contains("offered now: (none)")
+            && human.contains("check tcp:198.19.101.10:5432: unhealthy for"),
+        "{human}"
+    );
     // No probe reaches gw1 from the VPC now; asked on gw1 itself, its
     // endpoint says why it is out.
     let (code, body) = health(&net.gw, local_health());
@@ -498,6 +504,8 @@ fn two_gateways_fail_over_on_death_lost_path_and_drain_and_fail_back() {
     wait_carrier(&laptop, "gw2");
     assert_eq!(transfer(&net, 7006), IpAddr::V4(GW2_VPC), "via gw2");
     events.push(("gw1 drained", t, WITHDRAW_BOUND));
+    let human = gw1.ctl.run(&["status"]).or_die("status");
+    assert!(human.contains("draining: nothing is offered"), "{human}");
     let (code, body) = health(
         &net.vpchost,
         SocketAddr::new(IpAddr::V4(GW_VPC), HEALTH_PORT),
@@ -567,6 +575,13 @@ fn two_gateways_fail_over_on_death_lost_path_and_drain_and_fail_back() {
         .find(|c| c.range == PEERED_RANGE)
         .expect("carried");
     assert_eq!(peered.standby, vec!["gw2".to_string()]);
+    let human = laptop.run(&["status"]).or_die("status");
+    assert!(
+        human.contains("198.19.101.0/24 via gw1 for")
+            && human.contains("standing by: gw2")
+            && human.contains("failovers: "),
+        "{human}"
+    );
 }
 
 /// The address stock clients are given, which the network routes to one
