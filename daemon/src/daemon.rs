@@ -137,22 +137,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let control_listener = bind_unix(&options.socket, socket_group)?;
     let _control_file = SocketFile::new(&options.socket);
 
-    let metrics_listener = match options.metrics_listen {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot serve metrics on {addr}"))?,
-        ),
-        None => None,
-    };
-    let health_listener = match options.health_listen {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot serve the health endpoint on {addr}"))?,
-        ),
-        None => None,
-    };
+    let metrics_listener = bind_http(options.metrics_listen, "metrics").await?;
+    let health_listener = bind_http(options.health_listen, "the health endpoint").await?;
 
     let tun = create_tun(&options.interface, options.offload.tun).map_err(|e| {
         anyhow::anyhow!(
@@ -299,6 +285,22 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     match outcome? {
         Exit::Signal => Ok(()),
         Exit::DataPath(result) => result,
+    }
+}
+
+/// The listener for an optional HTTP server (`--metrics-listen`,
+/// `--health-listen`), bound before start-up goes on.
+async fn bind_http(
+    addr: Option<std::net::SocketAddr>,
+    what: &str,
+) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    match addr {
+        Some(addr) => Ok(Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot serve {what} on {addr}"))?,
+        )),
+        None => Ok(None),
     }
 }
 

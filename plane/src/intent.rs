@@ -389,10 +389,13 @@ pub fn plan(current: &Desired, intent: Intent) -> Result<Planned, Error> {
         Intent::ImportIdentity(identity) => {
             let (key, settings) = crate::identity::validate(&identity, &next.settings)
                 .map_err(|why| Error::new(EINVAL, format!("the identity is refused: {why}")))?;
-            next.device.private_key = Some(key);
-            if let Some(own) = next.device.public_key() {
-                next.device.peers.retain(|p| p.public_key.0 != own);
-            }
+            // As `wg set private-key` does: a peer with our new key goes.
+            next.device
+                .apply_set(crate::device::SetRequest {
+                    private_key: Some(Some(key)),
+                    ..Default::default()
+                })
+                .map_err(|errno| Error::new(errno, "the identity cannot be applied"))?;
             reload(&mut next, Some(settings), &identity.peers)?;
             let message = format!(
                 "identity imported: public key {}, {} peers, {} advertised ranges",
